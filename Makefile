@@ -1,0 +1,28 @@
+# Two commands for a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/jobq serve
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy pipeline adapters handlers
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/makespan.py
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

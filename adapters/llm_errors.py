@@ -1,0 +1,173 @@
+"""Turn provider SDK exceptions into :class:`LLMError` codes both providers share.
+
+The mapping (SPEC §5: transient errors are retried inside the job's deadline):
+
+=====================================  ======================  =========
+cause                                  code                    transient
+=====================================  ======================  =========
+429                                    ``llm_rate_limited``    yes
+401, 403                               ``llm_auth``            no
+400, 404, 413, 422, other 4xx          ``llm_bad_request``     no
+408, 409, 5xx, 529                     ``llm_unavailable``     yes
+connection refused / reset / closed    ``llm_unavailable``     yes
+per-call timeout                       ``timeout``             yes
+body that is not the wire format       ``llm_invalid_output``  no
+=====================================  ======================  =========
+
+``retry_after`` comes from ``retry-after-ms`` or ``Retry-After`` (seconds or an
+HTTP date) on any status that carries it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+
+import anthropic
+import openai
+
+from adapters.ports import LLMError
+
+RATE_LIMITED = "llm_rate_limited"
+AUTH = "llm_auth"
+BAD_REQUEST = "llm_bad_request"
+UNAVAILABLE = "llm_unavailable"
+INVALID_OUTPUT = "llm_invalid_output"
+TIMEOUT = "timeout"
+
+MAX_RETRY_AFTER_S = 3600.0
+"""A longer ``Retry-After`` is clamped: the job's deadline ends the wait anyway."""
+
+_TRANSIENT_4XX = frozenset({408, 409, 429})
+
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
+    openai.APITimeoutError,
+    anthropic.APITimeoutError,
+    TimeoutError,
+)
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    openai.APIConnectionError,
+    anthropic.APIConnectionError,
+    ConnectionError,
+)
+_STATUS_ERRORS: tuple[type[BaseException], ...] = (openai.APIStatusError, anthropic.APIStatusError)
+_INVALID_BODY_ERRORS: tuple[type[BaseException], ...] = (
+    openai.APIResponseValidationError,
+    anthropic.APIResponseValidationError,
+    json.JSONDecodeError,
+    UnicodeDecodeError,
+)
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (delta seconds or an
+    HTTP date), clamped to ``[0, MAX_RETRY_AFTER_S]``; ``None`` when absent or unreadable.
+    ``headers`` must look keys up case-insensitively (httpx headers do) or be lower-case."""
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            seconds = float(raw.strip()) / divisor
+        except ValueError:
+            continue
+        if math.isnan(seconds):
+            continue
+        return _clamp(seconds)
+    raw_date = headers.get("retry-after")
+    if not raw_date:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(raw_date)
+        if parsed is None:
+            return None
+        when = email.utils.mktime_tz(parsed)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return _clamp(when - (time.time() if now is None else now))
+
+
+def _clamp(seconds: float) -> float:
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def from_status(
+    provider: str,
+    step: str,
+    status: int,
+    headers: Mapping[str, str],
+    detail: str = "",
+) -> LLMError:
+    """The :class:`LLMError` for an HTTP error status of a provider."""
+    retry_after = parse_retry_after(headers)
+    suffix = f": {detail}" if detail else ""
+    if status == 429:
+        code, what, transient = RATE_LIMITED, "rate limited", True
+    elif status in (401, 403):
+        code, what, transient = AUTH, "authentication failed", False
+    elif status in _TRANSIENT_4XX or status >= 500:
+        code, what, transient = UNAVAILABLE, "unavailable", True
+    else:
+        code, what, transient = BAD_REQUEST, "bad request", False
+    return LLMError(
+        code,
+        f"{provider}: {what} on step '{step}' ({status}){suffix}",
+        transient=transient,
+        retry_after=retry_after if transient else None,
+        status=status,
+    )
+
+
+def timeout_error(provider: str, step: str, timeout_s: float) -> LLMError:
+    return LLMError(
+        TIMEOUT,
+        f"{provider}: no answer on step '{step}' within {timeout_s:g} s",
+        transient=True,
+    )
+
+
+def invalid_output(provider: str, step: str, why: str) -> LLMError:
+    return LLMError(INVALID_OUTPUT, f"{provider}: unreadable reply on step '{step}': {why}")
+
+
+def classify(provider: str, step: str, exc: BaseException, timeout_s: float) -> LLMError:
+    """Map an exception raised while calling a provider SDK to an :class:`LLMError`.
+
+    ``asyncio.CancelledError`` is not an ``Exception`` and never reaches here: a
+    cancelled call stays cancelled."""
+    if isinstance(exc, LLMError):
+        return exc
+    if isinstance(exc, _STATUS_ERRORS):
+        response = exc.response  # type: ignore[attr-defined]  # both SDKs' APIStatusError have it
+        return from_status(provider, step, response.status_code, response.headers, _detail(exc))
+    if isinstance(exc, _TIMEOUT_ERRORS):
+        return timeout_error(provider, step, timeout_s)
+    if isinstance(exc, _CONNECTION_ERRORS):
+        cause = exc.__cause__ or exc.__context__
+        reason = type(cause).__name__ if cause is not None else type(exc).__name__
+        return LLMError(
+            UNAVAILABLE,
+            f"{provider}: connection failed on step '{step}' ({reason})",
+            transient=True,
+        )
+    if isinstance(exc, _INVALID_BODY_ERRORS):
+        return invalid_output(provider, step, f"{type(exc).__name__}: {exc}")
+    return LLMError(
+        UNAVAILABLE,
+        f"{provider}: unexpected {type(exc).__name__} on step '{step}': {exc}",
+        transient=False,
+    )
+
+
+def _detail(exc: BaseException) -> str:
+    """The provider's own error message from the body, if it sent one (short)."""
+    body = getattr(exc, "body", None)
+    message: object = None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        message = error.get("message") if isinstance(error, dict) else error
+    text = str(message) if message else ""
+    return text[:200]

@@ -1,0 +1,161 @@
+"""OpenAI chat completions (and any OpenAI-compatible server) as an :class:`LLMProvider`.
+
+- The SDK's own retries are off (``max_retries=0``): the pipeline retries, so every
+  attempt shows up in the job's trace.
+- Each call is bounded by ``LLMRequest.timeout_s``, both as the SDK's HTTP timeout
+  and as an overall ``asyncio.timeout`` (an HTTP read timeout alone restarts with
+  every byte a slow server trickles).
+- Cancelling the awaiting task cancels the SDK's ``httpx`` request, which closes
+  the connection: the server sees the client go away.
+
+Structured output, ``json_mode``:
+
+``json_schema`` (default)
+    ``response_format={"type": "json_schema", "json_schema": {name, schema, strict: False}}``.
+    OpenAI and recent vLLM / Ollama / LM Studio versions honour it.
+``json_object``
+    For OpenAI-compatible servers without ``json_schema`` support:
+    ``response_format={"type": "json_object"}`` and the schema goes into the
+    system message. Chosen with ``OPENAI_JSON_MODE=json_object``.
+
+Against the official endpoint (no ``base_url``) the output budget is sent as
+``max_completion_tokens`` (newer OpenAI models reject ``max_tokens``); against a
+compatible server as ``max_tokens``, which they all understand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import structlog
+from openai import AsyncOpenAI
+
+from adapters import llm_errors
+from adapters.ports import LLMError, LLMReply, LLMRequest
+
+log = structlog.get_logger(__name__)
+
+JSON_MODES = ("json_schema", "json_object")
+NO_KEY = "not-needed"
+"""Local OpenAI-compatible servers often need no key, but the SDK insists on one."""
+
+_NAME_RE = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def schema_name(name: str) -> str:
+    """OpenAI and Anthropic accept ``[a-zA-Z0-9_-]{1,64}`` as schema / tool names."""
+    return _NAME_RE.sub("_", name)[:64] or "answer"
+
+
+def schema_instruction(schema: dict[str, Any]) -> str:
+    """The schema spelled out in the prompt, for servers that cannot enforce it."""
+    return (
+        "Answer with one JSON object only, no prose, matching this JSON schema:\n"
+        f"```json\n{json.dumps(schema, ensure_ascii=False)}\n```"
+    )
+
+
+class OpenAIProvider:
+    """``complete()`` answers one :class:`LLMRequest` through ``/chat/completions``."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        api_key: str | None,
+        base_url: str | None = None,
+        *,
+        json_mode: str = "json_schema",
+        client: AsyncOpenAI | None = None,
+    ) -> None:
+        if json_mode not in JSON_MODES:
+            raise ValueError(f"OPENAI_JSON_MODE={json_mode!r} must be one of {', '.join(JSON_MODES)}")
+        self.json_mode = json_mode
+        self.base_url = base_url
+        self._client = client or AsyncOpenAI(
+            api_key=api_key or NO_KEY, base_url=base_url, max_retries=0
+        )
+
+    async def complete(self, request: LLMRequest) -> LLMReply:
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                completion: Any = await self._client.chat.completions.create(
+                    model=request.model,
+                    messages=self._messages(request),
+                    response_format=self._response_format(request),
+                    timeout=request.timeout_s,
+                    **self._budget(request),
+                )
+        except TimeoutError:
+            raise llm_errors.timeout_error(self.name, request.step, request.timeout_s) from None
+        except Exception as exc:
+            raise llm_errors.classify(self.name, request.step, exc, request.timeout_s) from exc
+        return self._reply(request, completion)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- request ----------------------------------------------------------
+
+    def _messages(self, request: LLMRequest) -> list[Any]:
+        system = request.system
+        if self.json_mode == "json_object":
+            system = f"{system}\n\n{schema_instruction(request.schema)}".strip()
+        messages: list[dict[str, str]] = [{"role": "system", "content": system}]
+        messages += [{"role": role, "content": content} for role, content in request.history]
+        messages.append({"role": "user", "content": request.prompt})
+        return messages
+
+    def _response_format(self, request: LLMRequest) -> Any:
+        if self.json_mode == "json_object":
+            return {"type": "json_object"}
+        return {
+            "type": "json_schema",
+            "json_schema": {
+                "name": schema_name(request.schema_name),
+                "schema": request.schema,
+                "strict": False,
+            },
+        }
+
+    def _budget(self, request: LLMRequest) -> dict[str, int]:
+        key = "max_completion_tokens" if self.base_url is None else "max_tokens"
+        return {key: request.max_tokens}
+
+    # -- reply ------------------------------------------------------------
+
+    def _reply(self, request: LLMRequest, completion: Any) -> LLMReply:
+        """Read text and usage defensively: the SDK does not validate bodies, so a
+        compatible server's odd reply arrives as a loose object or a bare string."""
+        try:
+            choice = completion.choices[0]
+            message = choice.message
+            text = message.content
+            usage = completion.usage
+            model = completion.model or request.model
+        except (AttributeError, IndexError, TypeError, KeyError) as exc:
+            raise llm_errors.invalid_output(
+                self.name, request.step, f"not a chat completion ({type(exc).__name__})"
+            ) from exc
+        if not isinstance(text, str):
+            refusal = getattr(message, "refusal", None)
+            why = f"refused: {refusal}" if refusal else "no message content"
+            raise llm_errors.invalid_output(self.name, request.step, why)
+        if getattr(choice, "finish_reason", None) == "length":
+            log.warning("llm_output_truncated", provider=self.name, step=request.step, model=model)
+        return LLMReply(
+            text=text,
+            model=str(model),
+            prompt_tokens=_int(getattr(usage, "prompt_tokens", 0)),
+            completion_tokens=_int(getattr(usage, "completion_tokens", 0)),
+        )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+__all__ = ["LLMError", "OpenAIProvider", "schema_instruction", "schema_name"]

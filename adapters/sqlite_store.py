@@ -1,0 +1,320 @@
+"""The local backend's store: one SQLite file (or ``:memory:``) through aiosqlite.
+
+Readers of the event log wait on an in-process condition, which is enough here:
+on the local backend the worker runs in the web process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from adapters.constants import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S
+from adapters.ports import (
+    JSON,
+    Artifact,
+    Event,
+    Job,
+    JobStore,
+    StoreUnavailable,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_tenant_created ON jobs (tenant, created_at);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE TABLE IF NOT EXISTS artifacts (
+    job_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (job_id, name)
+);
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY,
+    doc TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, id)
+);
+CREATE TABLE IF NOT EXISTS trace (
+    job_id TEXT NOT NULL,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trace_job ON trace (job_id);
+CREATE TABLE IF NOT EXISTS cancels (
+    job_id TEXT PRIMARY KEY
+);
+"""
+
+
+class SqliteStore(JobStore):
+    """``JobStore`` on SQLite. ``path`` is a file path or ``":memory:"``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._event_waiters: dict[str, asyncio.Condition] = {}
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path)
+        except Exception as exc:  # aiosqlite raises sqlite3 errors of several kinds
+            raise StoreUnavailable(f"sqlite: cannot open {self.path}: {exc}") from exc
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailable("sqlite store is not open")
+        return self._db
+
+    async def ping(self) -> None:
+        try:
+            await self.db.execute("SELECT 1")
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    # -- jobs -------------------------------------------------------------
+
+    async def _create(self, job: Job) -> tuple[Job, bool]:
+        async with self._lock:
+            if job.idempotency_key:
+                async with self.db.execute(
+                    "SELECT job_id, created_at FROM idempotency WHERE tenant=? AND key=?",
+                    (job.tenant, job.idempotency_key),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row and time.time() - row[1] < IDEMPOTENCY_TTL_S:
+                    existing = await self._get(row[0])
+                    if existing is not None:
+                        return existing, False
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
+                    (job.tenant, job.idempotency_key, job.id, time.time()),
+                )
+            await self.db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+                (job.id, job.tenant, job.status, job.created_at, json.dumps(job.to_dict())),
+            )
+            await self.db.commit()
+        return job, True
+
+    async def _get(self, job_id: str) -> Job | None:
+        async with self.db.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        return Job.from_dict(json.loads(row[0])) if row else None
+
+    async def _update(
+        self, job_id: str, expect: frozenset[str] | None, changes: JSON
+    ) -> Job | None:
+        async with self._lock:
+            job = await self._get(job_id)
+            if job is None or (expect is not None and job.status not in expect):
+                return None
+            updated = Job.from_dict({**job.to_dict(), **changes})
+            await self.db.execute(
+                "UPDATE jobs SET status=?, doc=? WHERE id=?",
+                (updated.status, json.dumps(updated.to_dict()), job_id),
+            )
+            await self.db.commit()
+        return updated
+
+    async def _delete(self, job_id: str) -> None:
+        async with self._lock:
+            for table, column in (
+                ("jobs", "id"),
+                ("idempotency", "job_id"),
+                ("artifacts", "job_id"),
+                ("events", "job_id"),
+                ("trace", "job_id"),
+                ("cancels", "job_id"),
+            ):
+                await self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (job_id,))  # noqa: S608 - table names are literals above
+            await self.db.commit()
+
+    async def _list_jobs(
+        self, tenant: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant=?")
+            args.append(tenant)
+        if status:
+            where.append("status=?")
+            args.append(status)
+        if cursor:
+            created, _, job_id = cursor.partition("~")
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args += [float(created), float(created), job_id]
+        sql = "SELECT doc FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        async with self.db.execute(sql, (*args, limit + 1)) as cur:
+            rows = await cur.fetchall()
+        jobs = [Job.from_dict(json.loads(r[0])) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = jobs[-1]
+            next_cursor = f"{last.created_at!r}~{last.id}"
+        return jobs, next_cursor
+
+    async def _count_by_status(self) -> dict[str, int]:
+        async with self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status") as cur:
+            return {status: count for status, count in await cur.fetchall()}
+
+    async def _unfinished_job_ids(self) -> list[str]:
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+        async with self.db.execute(
+            f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at",  # noqa: S608 - only placeholders
+            tuple(sorted(ACTIVE_STATUSES)),
+        ) as cur:
+            return [row[0] for row in await cur.fetchall()]
+
+    # -- artifacts and cache ---------------------------------------------
+
+    async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
+        async with self._lock:
+            await self.db.execute(
+                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, "
+                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM artifacts WHERE job_id=?), ?)",
+                (job_id, artifact.name, job_id, json.dumps(artifact.to_dict())),
+            )
+            await self.db.commit()
+
+    async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
+        async with self.db.execute(
+            "SELECT doc FROM artifacts WHERE job_id=? AND name=?", (job_id, name)
+        ) as cur:
+            row = await cur.fetchone()
+        return Artifact.from_dict(json.loads(row[0])) if row else None
+
+    async def _list_artifacts(self, job_id: str) -> list[Artifact]:
+        async with self.db.execute(
+            "SELECT doc FROM artifacts WHERE job_id=? ORDER BY seq", (job_id,)
+        ) as cur:
+            return [Artifact.from_dict(json.loads(r[0])) for r in await cur.fetchall()]
+
+    async def _cache_get(self, key: str) -> Artifact | None:
+        async with self.db.execute("SELECT doc FROM cache WHERE key=?", (key,)) as cur:
+            row = await cur.fetchone()
+        return Artifact.from_dict(json.loads(row[0])) if row else None
+
+    async def _cache_put(self, key: str, artifact: Artifact) -> None:
+        async with self._lock:
+            await self.db.execute(
+                "INSERT OR REPLACE INTO cache VALUES (?, ?)", (key, json.dumps(artifact.to_dict()))
+            )
+            await self.db.commit()
+
+    # -- events and trace -------------------------------------------------
+
+    def _condition(self, job_id: str) -> asyncio.Condition:
+        cond = self._event_waiters.get(job_id)
+        if cond is None:
+            cond = self._event_waiters[job_id] = asyncio.Condition()
+        return cond
+
+    async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
+        async with self._lock:
+            async with self.db.execute(
+                "SELECT COALESCE(MAX(id), 0) + 1 FROM events WHERE job_id=?", (job_id,)
+            ) as cur:
+                row = await cur.fetchone()
+            event_id = int(row[0]) if row else 1
+            await self.db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?)",
+                (job_id, event_id, type, json.dumps(data)),
+            )
+            await self.db.commit()
+        cond = self._condition(job_id)
+        async with cond:
+            cond.notify_all()
+        return Event(event_id, type, data)
+
+    async def _fetch_events(self, job_id: str, after: int) -> list[Event]:
+        async with self.db.execute(
+            "SELECT id, type, data FROM events WHERE job_id=? AND id>? ORDER BY id",
+            (job_id, after),
+        ) as cur:
+            return [Event(r[0], r[1], json.loads(r[2])) for r in await cur.fetchall()]
+
+    async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
+        events = await self._fetch_events(job_id, after)
+        if events or wait_s <= 0:
+            return events
+        cond = self._condition(job_id)
+        async with cond:
+            events = await self._fetch_events(job_id, after)
+            if events:
+                return events
+            try:
+                await asyncio.wait_for(cond.wait(), wait_s)
+            except TimeoutError:
+                return []
+        return await self._fetch_events(job_id, after)
+
+    async def _add_trace(self, job_id: str, record: JSON) -> None:
+        async with self._lock:
+            await self.db.execute(
+                "INSERT INTO trace (job_id, doc) VALUES (?, ?)", (job_id, json.dumps(record))
+            )
+            await self.db.commit()
+
+    async def _get_trace(self, job_id: str) -> list[JSON]:
+        async with self.db.execute(
+            "SELECT doc FROM trace WHERE job_id=? ORDER BY seq", (job_id,)
+        ) as cur:
+            rows: list[Any] = list(await cur.fetchall())
+        return [json.loads(r[0]) for r in rows]
+
+    # -- cancellation -----------------------------------------------------
+
+    async def _request_cancel(self, job_id: str) -> None:
+        async with self._lock:
+            await self.db.execute("INSERT OR IGNORE INTO cancels VALUES (?)", (job_id,))
+            await self.db.commit()
+
+    async def _cancel_requested(self, job_id: str) -> bool:
+        async with self.db.execute("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) as cur:
+            return await cur.fetchone() is not None

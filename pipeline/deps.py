@@ -1,0 +1,33 @@
+"""What the pipeline needs from the outside world, handed in by ``bootstrap()``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapters.ports import JobStore, LLMProvider, RateLimiter
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Knobs of the pipeline that come from the environment (see handlers.settings)."""
+
+    default_model: str = "offline"
+    step_models: dict[str, str] = field(default_factory=dict)
+    """Per-step model overrides from ``LLM_MODEL_<STEP>`` (keys are lower-case step names)."""
+    job_max_attempts: int = 3
+    llm_timeout_s: float = 120.0
+    llm_max_retries: int = 6
+    cancel_poll_s: float = 0.25
+    price_per_1k_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate."""
+
+    def model_for(self, step: str) -> str:
+        return self.step_models.get(step, self.default_model)
+
+
+@dataclass
+class Deps:
+    store: JobStore
+    llm: LLMProvider
+    config: PipelineConfig = field(default_factory=PipelineConfig)
+    limiter: RateLimiter | None = None
