@@ -33,7 +33,11 @@ class AnthropicProvider:
     name = "anthropic"
 
     def __init__(
-        self, api_key: str | None, base_url: str | None = None, *, client: AsyncAnthropic | None = None
+        self,
+        api_key: str | None,
+        base_url: str | None = None,
+        *,
+        client: AsyncAnthropic | None = None,
     ) -> None:
         self._client = client or AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0)
 
@@ -77,10 +81,9 @@ class AnthropicProvider:
             ) from exc
         text = _tool_input(blocks)
         if text is None:
-            texts = [t for b in blocks if _get(b, "type") == "text" and isinstance(t := _get(b, "text"), str)]
-            if not texts:
-                raise llm_errors.invalid_output(self.name, request.step, "neither tool_use nor text")
-            text = "".join(texts)
+            text = _text(blocks)
+        if text is None:
+            raise llm_errors.invalid_output(self.name, request.step, "neither tool_use nor text")
         if _get(message, "stop_reason") == "max_tokens":
             log.warning("llm_output_truncated", provider=self.name, step=request.step, model=model)
         prompt_tokens = sum(
@@ -119,6 +122,12 @@ def _tool_input(blocks: list[Any]) -> str | None:
         if _get(block, "type") == "tool_use":
             return json.dumps(_get(block, "input"), ensure_ascii=False)
     return None
+
+
+def _text(blocks: list[Any]) -> str | None:
+    texts = [_get(b, "text") for b in blocks if _get(b, "type") == "text"]
+    strings = [t for t in texts if isinstance(t, str)]
+    return "".join(strings) if strings else None
 
 
 def _get(obj: Any, key: str) -> Any:

@@ -31,7 +31,7 @@ import re
 from typing import Any
 
 import structlog
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, omit
 
 from adapters import llm_errors
 from adapters.ports import LLMError, LLMReply, LLMRequest
@@ -72,7 +72,7 @@ class OpenAIProvider:
         client: AsyncOpenAI | None = None,
     ) -> None:
         if json_mode not in JSON_MODES:
-            raise ValueError(f"OPENAI_JSON_MODE={json_mode!r} must be one of {', '.join(JSON_MODES)}")
+            raise ValueError(f"OPENAI_JSON_MODE={json_mode!r} must be one of {JSON_MODES}")
         self.json_mode = json_mode
         self.base_url = base_url
         self._client = client or AsyncOpenAI(
@@ -87,7 +87,8 @@ class OpenAIProvider:
                     messages=self._messages(request),
                     response_format=self._response_format(request),
                     timeout=request.timeout_s,
-                    **self._budget(request),
+                    max_tokens=request.max_tokens if self.base_url else omit,
+                    max_completion_tokens=omit if self.base_url else request.max_tokens,
                 )
         except TimeoutError:
             raise llm_errors.timeout_error(self.name, request.step, request.timeout_s) from None
@@ -120,10 +121,6 @@ class OpenAIProvider:
                 "strict": False,
             },
         }
-
-    def _budget(self, request: LLMRequest) -> dict[str, int]:
-        key = "max_completion_tokens" if self.base_url is None else "max_tokens"
-        return {key: request.max_tokens}
 
     # -- reply ------------------------------------------------------------
 

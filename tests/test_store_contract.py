@@ -1,0 +1,203 @@
+"""One JobStore contract, run against every backend's store (Litestar store-test style)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from adapters.constants import CANCELLED, QUEUED, RUNNING
+from adapters.ports import Artifact, Job, JobStore
+from adapters.sqlite_store import SqliteStore
+
+
+def _support(name: str) -> bool:
+    return importlib.util.find_spec(f"tests.support.{name}") is not None
+
+
+async def _make_store(kind: str, tmp_path: object) -> JobStore:
+    if kind == "sqlite":
+        return SqliteStore(f"{tmp_path}/store.db")
+    if kind == "redis":
+        from adapters.redis_store import RedisStore
+        from tests.support.redis_server import redis_url
+
+        return RedisStore(redis_url(), prefix=f"t{uuid.uuid4().hex[:8]}", ttl_s=3600)
+    from adapters.s3_store import S3Store
+    from tests.support.moto_server import moto_endpoint
+
+    import boto3
+
+    bucket = f"store-{uuid.uuid4().hex[:10]}"
+    endpoint = moto_endpoint()
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)
+    return S3Store(bucket=bucket, prefix="p", endpoint_url=endpoint, region="us-east-1")
+
+
+@pytest.fixture(params=["sqlite", "redis", "aws"])
+async def store(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[JobStore]:
+    kind = request.param
+    needed = {"redis": "redis_server", "aws": "moto_server"}.get(kind)
+    if needed and not _support(needed):
+        pytest.skip(f"{kind} backend support not present")
+    if kind == "aws":
+        import os
+
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    made = await _make_store(kind, tmp_path)
+    await made.open()
+    yield made
+    await made.close()
+
+
+def _job(tenant: str = "t1", key: str | None = None) -> Job:
+    return Job(id=uuid.uuid4().hex, tenant=tenant, request={"project_title": "x"}, idempotency_key=key)
+
+
+def _artifact(name: str) -> Artifact:
+    return Artifact(name=name, type="section", data={"n": name}, hash="0" * 64, timestamp=1, size=10)
+
+
+async def test_create_then_get_returns_the_same_job(store: JobStore) -> None:
+    """A created job reads back with its fields intact."""
+    job, created = await store.create(_job())
+    assert created
+    got = await store.get(job.id)
+    assert got is not None and got.to_dict() == job.to_dict()
+    assert await store.get("nope") is None
+
+
+async def test_idempotency_key_returns_the_first_job_per_tenant(store: JobStore) -> None:
+    """The same Idempotency-Key from the same tenant yields the first job; another tenant gets its own."""
+    first, _ = await store.create(_job("a", "k1"))
+    again, created = await store.create(_job("a", "k1"))
+    other, other_created = await store.create(_job("b", "k1"))
+    assert (again.id, created) == (first.id, False)
+    assert other_created and other.id != first.id
+
+
+async def test_update_is_a_compare_and_set_on_status(store: JobStore) -> None:
+    """An update whose expected status does not match changes nothing."""
+    job, _ = await store.create(_job())
+    assert await store.update(job.id, expect={RUNNING}, status=CANCELLED) is None
+    moved = await store.update(job.id, expect={QUEUED}, status=RUNNING, attempts=1)
+    assert moved is not None and moved.status == RUNNING and moved.attempts == 1
+    again = await store.get(job.id)
+    assert again is not None and again.status == RUNNING
+    assert await store.update("missing", status=RUNNING) is None
+
+
+async def test_concurrent_cas_lets_exactly_one_writer_win(store: JobStore) -> None:
+    """Two racing transitions out of 'queued': one wins, one sees None."""
+    job, _ = await store.create(_job())
+    results = await asyncio.gather(
+        store.update(job.id, expect={QUEUED}, status=RUNNING),
+        store.update(job.id, expect={QUEUED}, status=CANCELLED),
+    )
+    assert sum(r is not None for r in results) == 1
+
+
+async def test_event_ids_increase_by_one_and_read_after_resumes(store: JobStore) -> None:
+    """Event ids are 1..n per job, and reading after id k returns exactly k+1..n."""
+    job, _ = await store.create(_job())
+    for n in range(5):
+        await store.append_event(job.id, "status", {"n": n})
+    events = await store.read_events(job.id)
+    assert [e.id for e in events] == [1, 2, 3, 4, 5]
+    assert [e.data["n"] for e in await store.read_events(job.id, after=3)] == [3, 4]
+
+
+async def test_concurrent_appends_get_distinct_consecutive_ids(store: JobStore) -> None:
+    """Racing appends never share or skip an id."""
+    job, _ = await store.create(_job())
+    await asyncio.gather(*(store.append_event(job.id, "status", {"n": n}) for n in range(8)))
+    assert [e.id for e in await store.read_events(job.id)] == list(range(1, 9))
+
+
+async def test_read_events_waits_for_the_next_event(store: JobStore) -> None:
+    """A reader blocked on an empty log wakes with the event appended meanwhile."""
+    job, _ = await store.create(_job())
+    reader = asyncio.create_task(store.read_events(job.id, after=0, wait_s=5))
+    await asyncio.sleep(0.2)
+    assert not reader.done()
+    await store.append_event(job.id, "done", {"status": "completed"})
+    events = await asyncio.wait_for(reader, 5)
+    assert [(e.id, e.type) for e in events] == [(1, "done")]
+
+
+async def test_artifacts_keep_write_order_and_reject_bad_names(store: JobStore) -> None:
+    """Artifacts list in write order; a path-like name is never stored or found."""
+    job, _ = await store.create(_job())
+    for name in ("pitch", "sources", "brief"):
+        await store.put_artifact(job.id, _artifact(name))
+    assert [a.name for a in await store.list_artifacts(job.id)] == ["pitch", "sources", "brief"]
+    got = await store.get_artifact(job.id, "brief")
+    assert got is not None and got.data == {"n": "brief"}
+    assert await store.get_artifact(job.id, "../brief") is None
+    with pytest.raises(ValueError):
+        await store.put_artifact(job.id, _artifact("../x"))
+
+
+async def test_cache_trace_and_cancel_flag_round_trip(store: JobStore) -> None:
+    """Cache entries, trace records and the cancel flag read back as written."""
+    job, _ = await store.create(_job())
+    key = uuid.uuid4().hex
+    assert await store.cache_get(key) is None
+    await store.cache_put(key, _artifact("brief"))
+    cached = await store.cache_get(key)
+    assert cached is not None and cached.name == "brief"
+    await store.add_trace(job.id, {"step": "brief", "attempt": 1})
+    await store.add_trace(job.id, {"step": "brief", "attempt": 2})
+    assert [r["attempt"] for r in await store.get_trace(job.id)] == [1, 2]
+    assert not await store.cancel_requested(job.id)
+    await store.request_cancel(job.id)
+    assert await store.cancel_requested(job.id)
+
+
+async def test_list_pages_newest_first_per_tenant(store: JobStore) -> None:
+    """Listing is newest first, paged by cursor, and shows only the tenant's jobs."""
+    tenant = uuid.uuid4().hex[:8]
+    made = []
+    for n in range(5):
+        job = _job(tenant)
+        job.created_at += n
+        made.append((await store.create(job))[0].id)
+    await store.create(_job("someone-else"))
+    page1, cursor = await store.list_jobs(tenant, limit=3)
+    assert cursor is not None
+    page2, end = await store.list_jobs(tenant, limit=3, cursor=cursor)
+    assert [j.id for j in page1 + page2] == made[::-1]
+    assert end is None
+
+
+async def test_counts_and_unfinished_follow_status_changes(store: JobStore) -> None:
+    """Status counts and the unfinished list track transitions."""
+    before = await store.count_by_status()
+    job, _ = await store.create(_job())
+    assert job.id in await store.unfinished_job_ids()
+    await store.update(job.id, status=CANCELLED)
+    after = await store.count_by_status()
+    assert after[CANCELLED] == before[CANCELLED] + 1
+    assert after[QUEUED] == before[QUEUED]
+    assert job.id not in await store.unfinished_job_ids()
+
+
+async def test_delete_removes_the_job_and_what_it_owns(store: JobStore) -> None:
+    """After delete the job, its artifacts and its events are gone."""
+    job, _ = await store.create(_job())
+    await store.put_artifact(job.id, _artifact("pitch"))
+    await store.append_event(job.id, "status", {})
+    await store.delete(job.id)
+    assert await store.get(job.id) is None
+    assert await store.list_artifacts(job.id) == []
+    assert await store.read_events(job.id) == []
