@@ -50,7 +50,7 @@ class _ModelState:
         return [(bucket, amount) for bucket, amount in pairs if bucket is not None]
 
 
-class InMemoryRateLimiter:
+class MemoryRateLimiter:
     """``rpm``/``tpm`` of 0 mean unlimited. ``per_model`` overrides both for a model."""
 
     def __init__(

@@ -169,13 +169,14 @@ class SqliteStore(JobStore):
                 ("trace", "job_id"),
                 ("cancels", "job_id"),
             ):
-                await self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (job_id,))  # noqa: S608 - table names are literals above
+                await self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (job_id,))
             await self.db.commit()
 
     async def _list_jobs(
         self, tenant: str | None, status: str | None, limit: int, cursor: str | None
     ) -> tuple[list[Job], str | None]:
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | float] = []
         if tenant is not None:
             where.append("tenant=?")
             args.append(tenant)
@@ -191,7 +192,7 @@ class SqliteStore(JobStore):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         async with self.db.execute(sql, (*args, limit + 1)) as cur:
-            rows = await cur.fetchall()
+            rows = list(await cur.fetchall())
         jobs = [Job.from_dict(json.loads(r[0])) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -206,7 +207,7 @@ class SqliteStore(JobStore):
     async def _unfinished_job_ids(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATUSES))
         async with self.db.execute(
-            f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at",  # noqa: S608 - only placeholders
+            f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at",
             tuple(sorted(ACTIVE_STATUSES)),
         ) as cur:
             return [row[0] for row in await cur.fetchall()]

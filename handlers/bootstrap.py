@@ -164,5 +164,5 @@ def bootstrap(
         await run_job(job_id, deps)
 
     queue = queue or build_queue(settings, run, store)
-    service = JobService(deps, queue)
+    service = JobService(deps, queue, backend=settings.backend)
     return Container(settings, store, queue, llm, limiter, deps, service)

@@ -124,7 +124,7 @@ class Settings:
         return bool(self.api_keys)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:  # noqa: C901 - a flat list of variables
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         redis_url = _url(env, "REDIS_URL", ("redis", "rediss")) or _url(
             env, "REDISCLOUD_URL", ("redis", "rediss")
@@ -166,7 +166,7 @@ class Settings:
             raise SettingsError("ANTHROPIC_API_KEY is required with LLM_PROVIDER=anthropic")
         if provider == "openai" and not (openai_key or openai_base):
             raise SettingsError("OPENAI_API_KEY (or OPENAI_BASE_URL) is required with LLM_PROVIDER=openai")
-        default_models = {"offline": "offline", "openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5"}
+        default_models = {"offline": "offline", "openai": "gpt-5.4-mini", "anthropic": "claude-sonnet-5-5"}
         step_models = {
             name[len("LLM_MODEL_"):].lower(): value.strip()
             for name, value in env.items()

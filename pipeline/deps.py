@@ -17,6 +17,9 @@ class PipelineConfig:
     job_max_attempts: int = 3
     llm_timeout_s: float = 120.0
     llm_max_retries: int = 6
+    llm_backoff_base_s: float = 0.5
+    """First retry waits about this long; each further one doubles it (plus jitter)."""
+    llm_backoff_max_s: float = 30.0
     cancel_poll_s: float = 0.25
     price_per_1k_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
     """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate."""

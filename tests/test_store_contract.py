@@ -26,10 +26,10 @@ async def _make_store(kind: str, tmp_path: object) -> JobStore:
         from tests.support.redis_server import redis_url
 
         return RedisStore(redis_url(), prefix=f"t{uuid.uuid4().hex[:8]}", ttl_s=3600)
+    import boto3
+
     from adapters.s3_store import S3Store
     from tests.support.moto_server import moto_endpoint
-
-    import boto3
 
     bucket = f"store-{uuid.uuid4().hex[:10]}"
     endpoint = moto_endpoint()

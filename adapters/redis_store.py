@@ -1,0 +1,545 @@
+"""The redis backend's store: jobs, artifacts, step cache, event streams and trace.
+
+Key layout (``P`` is the prefix, e.g. ``jobq``)::
+
+    P:job:<id>            hash, one field per Job field (JSON; ``status`` and ``tenant`` raw)
+    P:idem:<sha256>       job id for (tenant, Idempotency-Key), 24 h, SET NX semantics
+    P:artifacts:<id>      hash name -> "<seq> <artifact JSON>", field ``#seq`` the counter
+    P:cache:<key>         artifact JSON
+    P:events:<id>         stream, entry id ``<n>-0`` for event n; P:evseq:<id> the counter
+    P:trace:<id>          list of LLM call records
+    P:cancel:<id>         the cancel flag
+    P:index:all / P:index:status:<s> / P:index:tenant:<t> / P:index:tstatus:<s>:<t>
+                          sorted sets id -> created_at, for listing and counting
+    P:index:owner         hash id -> tenant, so expired jobs can be pruned from the indexes
+
+Why a hash and not one JSON string per job: ``update`` is a compare-and-set on the
+status plus a shallow merge of the changed fields. With one field per Job field
+the Lua script does both atomically in one round trip without decoding JSON in
+Lua (whose cjson turns ``[]`` into ``{}``), and concurrent updates of different
+fields never lose each other's writes.
+
+Every key of a job expires ``ttl_s`` after its last write; the status update
+refreshes all of them. Sorted-set members do not expire on their own: entries
+older than ``ttl_s`` whose job is gone are pruned before counting and listing.
+
+The Lua scripts build index key names from the prefix, which is fine on a single
+Redis (Render Key Value) but not on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from adapters.constants import (
+    ACTIVE_STATUSES,
+    ARTIFACT_KEY,
+    CACHE_KEY,
+    CANCEL_KEY,
+    EVENTS_KEY,
+    IDEMPOTENCY_KEY,
+    IDEMPOTENCY_TTL_S,
+    INDEX_KEY,
+    JOB_KEY,
+    KEY_PREFIX,
+    STATUSES,
+    TRACE_KEY,
+)
+from adapters.ports import JSON, Artifact, Event, Job, JobStore, StoreUnavailable
+
+log = structlog.get_logger("jobq.store")
+
+PING_BUDGET_S = 0.8
+"""``ping`` gives up after this long, so /api/jobs/health answers within 1 s."""
+PRUNE_BATCH = 200
+
+_RAW_FIELDS = frozenset({"status", "tenant"})
+_STATUS_LIST = "{" + ",".join(f"'{s}'" for s in STATUSES) + "}"
+
+_CREATE = """
+local job_key, idem_key = KEYS[1], KEYS[2]
+local prefix, id, tenant, status, created = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ttl, idem_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+if idem_key ~= '' then
+  local existing = redis.call('GET', idem_key)
+  if existing and redis.call('EXISTS', prefix .. ':job:' .. existing) == 1 then
+    return existing
+  end
+  redis.call('SET', idem_key, id, 'EX', idem_ttl)
+end
+if redis.call('EXISTS', job_key) == 1 then
+  return redis.error_reply('job ' .. id .. ' exists')
+end
+redis.call('HSET', job_key, unpack(ARGV, 8))
+redis.call('EXPIRE', job_key, ttl)
+local idx = prefix .. ':index:'
+redis.call('ZADD', idx .. 'all', created, id)
+redis.call('ZADD', idx .. 'status:' .. status, created, id)
+redis.call('ZADD', idx .. 'tenant:' .. tenant, created, id)
+redis.call('ZADD', idx .. 'tstatus:' .. status .. ':' .. tenant, created, id)
+redis.call('HSET', idx .. 'owner', id, tenant)
+return false
+"""
+
+_UPDATE = """
+local job_key = KEYS[1]
+local prefix, id, ttl, n_expect = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local current = redis.call('HGET', job_key, 'status')
+if not current then return false end
+local first = 5
+if n_expect >= 0 then
+  local ok = false
+  for i = 5, 4 + n_expect do
+    if ARGV[i] == current then ok = true end
+  end
+  if not ok then return false end
+  first = 5 + n_expect
+end
+local changes, new_status = {}, nil
+for i = first, #ARGV, 2 do
+  changes[#changes + 1] = ARGV[i]
+  changes[#changes + 1] = ARGV[i + 1]
+  if ARGV[i] == 'status' then new_status = ARGV[i + 1] end
+end
+if #changes > 0 then redis.call('HSET', job_key, unpack(changes)) end
+if new_status and new_status ~= current then
+  local tenant = redis.call('HGET', job_key, 'tenant')
+  local created = redis.call('HGET', job_key, 'created_at')
+  local idx = prefix .. ':index:'
+  redis.call('ZREM', idx .. 'status:' .. current, id)
+  redis.call('ZADD', idx .. 'status:' .. new_status, created, id)
+  redis.call('ZREM', idx .. 'tstatus:' .. current .. ':' .. tenant, id)
+  redis.call('ZADD', idx .. 'tstatus:' .. new_status .. ':' .. tenant, created, id)
+end
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+return redis.call('HGETALL', job_key)
+"""
+
+_DELETE = """
+local prefix, id = ARGV[1], ARGV[2]
+local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  or redis.call('HGET', prefix .. ':index:owner', id)
+local idem_key = KEYS[#KEYS]
+if idem_key ~= '' and redis.call('GET', idem_key) == id then redis.call('DEL', idem_key) end
+for i = 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
+local idx = prefix .. ':index:'
+redis.call('ZREM', idx .. 'all', id)
+redis.call('HDEL', idx .. 'owner', id)
+for _, s in ipairs(__STATUSES__) do
+  redis.call('ZREM', idx .. 'status:' .. s, id)
+  if tenant then redis.call('ZREM', idx .. 'tstatus:' .. s .. ':' .. tenant, id) end
+end
+if tenant then redis.call('ZREM', idx .. 'tenant:' .. tenant, id) end
+return 1
+""".replace("__STATUSES__", _STATUS_LIST)
+
+_PRUNE = """
+local prefix, cutoff, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local idx = prefix .. ':index:'
+local removed = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', idx .. 'all', '-inf', cutoff, 'LIMIT', 0, batch)) do
+  if redis.call('EXISTS', prefix .. ':job:' .. id) == 0 then
+    local tenant = redis.call('HGET', idx .. 'owner', id)
+    redis.call('ZREM', idx .. 'all', id)
+    redis.call('HDEL', idx .. 'owner', id)
+    for _, s in ipairs(__STATUSES__) do
+      redis.call('ZREM', idx .. 'status:' .. s, id)
+      if tenant then redis.call('ZREM', idx .. 'tstatus:' .. s .. ':' .. tenant, id) end
+    end
+    if tenant then redis.call('ZREM', idx .. 'tenant:' .. tenant, id) end
+    removed = removed + 1
+  end
+end
+return removed
+""".replace("__STATUSES__", _STATUS_LIST)
+
+_PUT_ARTIFACT = """
+local seq = redis.call('HINCRBY', KEYS[1], '#seq', 1)
+redis.call('HSET', KEYS[1], ARGV[1], seq .. ' ' .. ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return seq
+"""
+
+_APPEND_EVENT = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], n .. '-0', 'type', ARGV[1], 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return n
+"""
+
+
+def _encode_job(job: Job) -> dict[str, str]:
+    return {
+        name: value if name in _RAW_FIELDS else json.dumps(value)
+        for name, value in job.to_dict().items()
+    }
+
+
+def _decode_job(raw: dict[bytes, bytes] | dict[str, str] | list[Any]) -> Job | None:
+    if isinstance(raw, list):  # HGETALL from Lua: a flat [field, value, ...] list
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
+    if not raw:
+        return None
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.decode() if isinstance(key, bytes) else key
+        text = value.decode() if isinstance(value, bytes) else value
+        data[name] = text if name in _RAW_FIELDS else json.loads(text)
+    return Job.from_dict(data)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _members(rows: Any) -> list[tuple[str, float]]:
+    """``ZRANGE ... WITHSCORES`` rows as (member, score)."""
+    return [(_text(member), float(score)) for member, score in rows]
+
+
+class RedisStore(JobStore):
+    """``JobStore`` on ``redis.asyncio``; a job's keys expire ``ttl_s`` after its last write."""
+
+    def __init__(self, url: str, prefix: str = KEY_PREFIX, ttl_s: int = 604800) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        # Normal commands: a refused connection is retried briefly (a Redis restart),
+        # a timeout is not (a hung Redis should fail the request, not stall it).
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=3.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=15,
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+                6,
+                supported_errors=(RedisConnectionError,),
+            ),
+        )
+        # XREAD BLOCK holds a connection for up to ``wait_s``: its own pool, no socket
+        # timeout; ``asyncio.timeout`` bounds each read instead.
+        self._blocking = aioredis.Redis.from_url(
+            url, socket_timeout=None, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        )
+        # Health checks: short timeouts, no retries, so a down or hung Redis is
+        # reported within PING_BUDGET_S and a later ping reconnects by itself.
+        self._ping_client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=PING_BUDGET_S / 2,
+            socket_connect_timeout=PING_BUDGET_S / 2,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._create_script = self._redis.register_script(_CREATE)
+        self._update_script = self._redis.register_script(_UPDATE)
+        self._delete_script = self._redis.register_script(_DELETE)
+        self._prune_script = self._redis.register_script(_PRUNE)
+        self._put_artifact_script = self._redis.register_script(_PUT_ARTIFACT)
+        self._append_script = self._redis.register_script(_APPEND_EVENT)
+
+    # -- keys ---------------------------------------------------------------
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}:{kind}:{name}"
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        """The job hash first, then every key the job owns (for expiry and delete)."""
+        return [
+            self._key(JOB_KEY, job_id),
+            self._key(ARTIFACT_KEY, job_id),
+            self._key(EVENTS_KEY, job_id),
+            self._key("evseq", job_id),
+            self._key(TRACE_KEY, job_id),
+            self._key(CANCEL_KEY, job_id),
+        ]
+
+    def _idem_key(self, tenant: str, key: str) -> str:
+        digest = hashlib.sha256(f"{tenant}\0{key}".encode()).hexdigest()
+        return self._key(IDEMPOTENCY_KEY, digest)
+
+    def _index(self, tenant: str | None, status: str | None) -> str:
+        base = f"{self.prefix}:{INDEX_KEY}:"
+        if tenant is None:
+            return base + (f"status:{status}" if status else "all")
+        return base + (f"tstatus:{status}:{tenant}" if status else f"tenant:{tenant}")
+
+    @contextlib.contextmanager
+    def _unavailable(self) -> Iterator[None]:
+        """Connection trouble becomes :class:`StoreUnavailable` (HTTP 503)."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connections are made lazily; a Redis that is down now is reported by
+        ``ping`` (503 on /health) and picked up when it returns."""
+        try:
+            await self.ping()
+        except StoreUnavailable as exc:
+            log.warning("redis_unavailable_at_start", error=str(exc))
+
+    async def close(self) -> None:
+        for client in (self._redis, self._blocking, self._ping_client):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(PING_BUDGET_S):
+                await self._ping_client.ping()
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            # A timed-out command leaves its connection mid-reply: drop them all.
+            with contextlib.suppress(Exception):
+                await self._ping_client.connection_pool.disconnect()
+            raise StoreUnavailable(f"redis did not answer: {exc or 'timeout'}") from exc
+
+    # -- jobs ---------------------------------------------------------------
+
+    async def _create(self, job: Job) -> tuple[Job, bool]:
+        fields = _encode_job(job)
+        idem_key = self._idem_key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
+        args: list[str | float | int] = [
+            self.prefix,
+            job.id,
+            job.tenant,
+            job.status,
+            repr(job.created_at),
+            self.ttl_s,
+            IDEMPOTENCY_TTL_S,
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        with self._unavailable():
+            existing = await self._create_script(
+                keys=[self._key(JOB_KEY, job.id), idem_key], args=args
+            )
+            if existing:
+                found = await self._get(_text(existing))
+                if found is not None:
+                    return found, False
+                # The first job vanished between the script and this read: create anew.
+                return await self._create(job)
+        return job, True
+
+    async def _get(self, job_id: str) -> Job | None:
+        with self._unavailable():
+            raw = await self._redis.hgetall(self._key(JOB_KEY, job_id))
+        return _decode_job(cast(dict[bytes, bytes], raw))
+
+    async def _update(
+        self, job_id: str, expect: frozenset[str] | None, changes: JSON
+    ) -> Job | None:
+        args: list[str | int] = [self.prefix, job_id, self.ttl_s]
+        if expect is None:
+            args.append(-1)
+        else:
+            args += [len(expect), *sorted(expect)]
+        for name, value in changes.items():
+            args += [name, value if name in _RAW_FIELDS else json.dumps(value)]
+        with self._unavailable():
+            raw = await self._update_script(keys=self._job_keys(job_id), args=args)
+        return _decode_job(cast(list[Any], raw)) if raw else None
+
+    async def _delete(self, job_id: str) -> None:
+        job = await self._get(job_id)
+        idem_key = (
+            self._idem_key(job.tenant, job.idempotency_key)
+            if job is not None and job.idempotency_key
+            else ""
+        )
+        with self._unavailable():
+            await self._delete_script(
+                keys=[*self._job_keys(job_id), idem_key], args=[self.prefix, job_id]
+            )
+
+    async def _prune(self) -> None:
+        """Drop index entries of jobs that expired (only entries older than the TTL can)."""
+        cutoff = repr(time.time() - self.ttl_s)
+        with self._unavailable():
+            await self._prune_script(keys=[], args=[self.prefix, cutoff, PRUNE_BATCH])
+
+    async def _list_jobs(
+        self, tenant: str | None, status: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[Job], str | None]:
+        await self._prune()
+        index = self._index(tenant, status)
+        after: tuple[float, str] | None = None
+        if cursor:
+            created, _, last_id = cursor.partition("~")
+            after = (float(created), last_id)
+        jobs: list[Job] = []
+        offset = 0
+        batch = limit + 1
+        while len(jobs) <= limit:
+            top: float | str = after[0] if after else "+inf"
+            with self._unavailable():
+                rows = await self._redis.zrange(
+                    index, top, "-inf", desc=True, byscore=True,
+                    offset=offset, num=batch, withscores=True,
+                )
+            if not rows:
+                break
+            offset += len(rows)
+            ids = [
+                job_id
+                for job_id, score in _members(rows)
+                if after is None or score < after[0] or job_id < after[1]
+            ]
+            for job_id, job in zip(ids, await self._get_many(ids), strict=True):
+                if job is None:
+                    with self._unavailable():
+                        await self._redis.zrem(index, job_id)
+                    offset -= 1
+                elif len(jobs) <= limit:
+                    jobs.append(job)
+            if len(rows) < batch:
+                break
+        next_cursor = None
+        if len(jobs) > limit:
+            jobs = jobs[:limit]
+            last = jobs[-1]
+            next_cursor = f"{last.created_at!r}~{last.id}"
+        return jobs, next_cursor
+
+    async def _get_many(self, job_ids: list[str]) -> list[Job | None]:
+        if not job_ids:
+            return []
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hgetall(self._key(JOB_KEY, job_id))
+                raws = await pipe.execute()
+        return [_decode_job(raw) for raw in raws]
+
+    async def _count_by_status(self) -> dict[str, int]:
+        await self._prune()
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for status in STATUSES:
+                    pipe.zcard(self._index(None, status))
+                counts = await pipe.execute()
+        return {status: int(n) for status, n in zip(STATUSES, counts, strict=True)}
+
+    async def _unfinished_job_ids(self) -> list[str]:
+        rows: list[tuple[float, str]] = []
+        with self._unavailable():
+            for status in sorted(ACTIVE_STATUSES):
+                members = await self._redis.zrange(
+                    self._index(None, status), 0, -1, withscores=True
+                )
+                rows += [(score, job_id) for job_id, score in _members(members)]
+        return [job_id for _, job_id in sorted(rows)]
+
+    # -- artifacts and cache ------------------------------------------------
+
+    async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
+        with self._unavailable():
+            await self._put_artifact_script(
+                keys=[self._key(ARTIFACT_KEY, job_id)],
+                args=[artifact.name, json.dumps(artifact.to_dict()), self.ttl_s],
+            )
+
+    async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
+        with self._unavailable():
+            raw = await self._redis.hget(self._key(ARTIFACT_KEY, job_id), name)
+        if raw is None:
+            return None
+        _, _, doc = _text(raw).partition(" ")
+        return Artifact.from_dict(json.loads(doc))
+
+    async def _list_artifacts(self, job_id: str) -> list[Artifact]:
+        with self._unavailable():
+            raw = await self._redis.hgetall(self._key(ARTIFACT_KEY, job_id))
+        entries: list[tuple[int, Artifact]] = []
+        for name, value in cast(dict[bytes, bytes], raw).items():
+            if name == b"#seq":
+                continue
+            seq, _, doc = value.decode().partition(" ")
+            entries.append((int(seq), Artifact.from_dict(json.loads(doc))))
+        return [artifact for _, artifact in sorted(entries, key=lambda e: e[0])]
+
+    async def _cache_get(self, key: str) -> Artifact | None:
+        with self._unavailable():
+            raw = await self._redis.getex(self._key(CACHE_KEY, key), ex=self.ttl_s)
+        return Artifact.from_dict(json.loads(raw)) if raw else None
+
+    async def _cache_put(self, key: str, artifact: Artifact) -> None:
+        with self._unavailable():
+            await self._redis.set(
+                self._key(CACHE_KEY, key), json.dumps(artifact.to_dict()), ex=self.ttl_s
+            )
+
+    # -- events and trace ---------------------------------------------------
+
+    async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
+        with self._unavailable():
+            event_id = await self._append_script(
+                keys=[self._key("evseq", job_id), self._key(EVENTS_KEY, job_id)],
+                args=[type, json.dumps(data), self.ttl_s],
+            )
+        return Event(int(event_id), type, data)
+
+    @staticmethod
+    def _parse_stream(reply: Any) -> list[Event]:
+        events: list[Event] = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                number = int(_text(entry_id).split("-", 1)[0])
+                events.append(
+                    Event(number, fields[b"type"].decode(), json.loads(fields[b"data"]))
+                )
+        return events
+
+    async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
+        stream: dict[Any, Any] = {self._key(EVENTS_KEY, job_id): f"{after}-0"}
+        with self._unavailable():
+            events = self._parse_stream(await self._redis.xread(stream))
+            if events or wait_s <= 0:
+                return events
+            block_ms = max(1, int(wait_s * 1000))
+            try:
+                async with asyncio.timeout(wait_s + 2.0):
+                    reply = await self._blocking.xread(stream, block=block_ms)
+            except TimeoutError as exc:
+                raise StoreUnavailable("redis: blocking read did not return") from exc
+        return self._parse_stream(reply)
+
+    async def _add_trace(self, job_id: str, record: JSON) -> None:
+        key = self._key(TRACE_KEY, job_id)
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(key, json.dumps(record))
+                pipe.expire(key, self.ttl_s)
+                await pipe.execute()
+
+    async def _get_trace(self, job_id: str) -> list[JSON]:
+        with self._unavailable():
+            rows = await self._redis.lrange(self._key(TRACE_KEY, job_id), 0, -1)
+        return [cast(JSON, json.loads(row)) for row in rows]
+
+    # -- cancellation -------------------------------------------------------
+
+    async def _request_cancel(self, job_id: str) -> None:
+        with self._unavailable():
+            await self._redis.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
+
+    async def _cancel_requested(self, job_id: str) -> bool:
+        with self._unavailable():
+            return bool(await self._redis.exists(self._key(CANCEL_KEY, job_id)))

@@ -1,0 +1,190 @@
+"""The redis backend's queue: SAQ on Redis. The SAQ job key is the job id.
+
+Crash safety comes from SAQ's sweep: a delivery whose worker stopped sending
+heartbeats for ``heartbeat_s`` is aborted and retried by the next sweep of any
+live worker. With the defaults (heartbeat 20 s, sweep every 10 s, 5 s abort
+wait) a SIGKILLed worker's job is running again within about 35 s.
+
+SAQ's ``retries`` counts deliveries. The pipeline is the authority on giving up
+(it fails a job with ``worker_lost`` once its attempts exceed
+``JOB_MAX_ATTEMPTS``), so SAQ is given a few deliveries more than that; an
+extra delivery of a finished job returns at once.
+
+Knobs read from the environment (the same in web and worker processes, since
+the web process enqueues with them): ``SAQ_HEARTBEAT_S`` (20),
+``SAQ_SWEEP_ABORT_WAIT_S`` (5), ``SAQ_TIMEOUT_MARGIN_S`` (60), ``JOB_MAX_ATTEMPTS`` (3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from saq.job import Job as SaqJob
+from saq.queue.redis import RedisQueue
+
+from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
+from adapters.ports import JSON, Queue, StoreUnavailable
+
+PING_BUDGET_S = 0.8
+RUN_JOB_FUNCTION = "run_job"
+"""The SAQ function name the worker registers (``handlers.saq_worker.run_job``)."""
+FINISHED_JOB_TTL_S = 3600
+"""How long SAQ keeps a finished delivery's record (the job itself lives in the store)."""
+
+
+def env_number(name: str, default: float, lo: float, hi: float) -> float:
+    """A number from the environment; a bad value names the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} must be between {lo} and {hi}")
+    return value
+
+
+def queue_name(prefix: str) -> str:
+    """Deployments sharing a Redis keep apart by key prefix, and so do their queues."""
+    return SAQ_QUEUE_NAME if prefix == KEY_PREFIX else f"{SAQ_QUEUE_NAME}-{prefix}"
+
+
+class JobqRedisQueue(RedisQueue):
+    """SAQ's Redis queue with two additions for a clean shutdown and quick tests.
+
+    - ``should_stop``: once it returns true (the worker got SIGTERM), a job that a
+      blocked ``dequeue`` still receives is pushed back to the head of the queue
+      untouched, so a stopping worker takes no new work.
+    - ``sweep_abort_wait_s``: how long a sweep waits for a stuck job's worker to
+      acknowledge the abort before re-queueing it (SAQ's fixed 5 s otherwise).
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, name: str, sweep_abort_wait_s: float = 5.0
+    ) -> None:
+        super().__init__(redis, name=name)
+        self.sweep_abort_wait_s = sweep_abort_wait_s
+        self.should_stop: Callable[[], bool] = lambda: False
+
+    async def dequeue(
+        self,
+        timeout: float = 0.0,  # noqa: ASYNC109 - SAQ's signature, which this overrides
+        poll_interval: float = 0.0,
+    ) -> SaqJob | None:
+        if self.should_stop():
+            return None
+        job = await super().dequeue(timeout, poll_interval)
+        if job is not None and self.should_stop():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lrem(self._active, 1, job.id)
+                pipe.lpush(self._queued, job.id)
+                await pipe.execute()
+            return None
+        return job
+
+    async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+        return await super().sweep(lock, abort=self.sweep_abort_wait_s)
+
+
+class SaqQueue(Queue):
+    """``Queue`` on SAQ. ``saq`` is the underlying SAQ queue the worker consumes."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = KEY_PREFIX,
+        *,
+        heartbeat_s: int | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.heartbeat_s = heartbeat_s or int(env_number("SAQ_HEARTBEAT_S", 20, 1, 3600))
+        attempts = max_attempts or int(env_number("JOB_MAX_ATTEMPTS", 3, 1, 100))
+        self.retries = attempts + 3
+        self.timeout_margin_s = env_number("SAQ_TIMEOUT_MARGIN_S", 60, 0, 86400)
+        client = aioredis.Redis.from_url(
+            url,
+            # Dequeue blocks for at most a second (the worker's dequeue_timeout).
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            health_check_interval=15,
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+                6,
+                supported_errors=(RedisConnectionError,),
+            ),
+        )
+        self.saq = JobqRedisQueue(
+            client,
+            name=queue_name(prefix),
+            sweep_abort_wait_s=env_number("SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
+        )
+        self._ping_client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=PING_BUDGET_S / 2,
+            socket_connect_timeout=PING_BUDGET_S / 2,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._opened = False
+
+    async def open(self) -> None:
+        if not self._opened:
+            await self.saq.connect()
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            with contextlib.suppress(Exception):
+                await self.saq.disconnect()
+        with contextlib.suppress(Exception):
+            await self._ping_client.aclose()
+
+    async def ping(self) -> None:
+        try:
+            async with asyncio.timeout(PING_BUDGET_S):
+                await self._ping_client.ping()
+        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await self._ping_client.connection_pool.disconnect()
+            raise StoreUnavailable(f"redis queue did not answer: {exc or 'timeout'}") from exc
+
+    async def stats(self) -> JSON:
+        try:
+            info: Any = await self.saq.info()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis queue: {exc}") from exc
+        return {
+            "workers": len(info["workers"]),
+            "queued": int(info["queued"]),
+            "active": int(info["active"]),
+            "queue": self.saq.name,
+        }
+
+    async def _enqueue(self, job_id: str, timeout_s: float) -> None:
+        try:
+            await self.saq.enqueue(
+                RUN_JOB_FUNCTION,
+                key=job_id,
+                job_id=job_id,
+                timeout=int(timeout_s + self.timeout_margin_s),
+                heartbeat=self.heartbeat_s,
+                retries=self.retries,
+                ttl=FINISHED_JOB_TTL_S,
+            )
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis queue: {exc}") from exc

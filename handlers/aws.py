@@ -1,0 +1,406 @@
+"""AWS Lambda entry points, and the SQS worker behind ``jobq worker`` on the aws backend.
+
+- ``http_handler``: Mangum around the same Litestar app as everywhere else. The
+  container (S3 store, SQS queue, LLM provider) is built once per Lambda instance,
+  on first use, and reused by every request that instance serves.
+- ``sqs_handler``: runs the jobs of an SQS event concurrently and answers
+  ``{"batchItemFailures": [...]}`` naming only the messages to deliver again.
+- ``run_sqs_worker``: long-polls SQS and runs the same handler code, so the aws
+  backend works locally (against moto) without Lambda.
+
+A delivery fails (is retried) when the run crashed or handed the job back still
+active; a job the pipeline ended as failed is a successful delivery. The last
+delivery SQS allows (``ApproximateReceiveCount >= JOB_MAX_ATTEMPTS``, the redrive
+policy's ``maxReceiveCount``) that fails marks the job ``failed`` with code
+``worker_lost``, so a poison message lands in the DLQ with its job ended.
+
+No job outlives its invocation: its deadline is clamped to the invocation's
+remaining time less ``DEADLINE_MARGIN_S``; when the clamp bites, the pipeline
+fails the job with code ``timeout`` and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from adapters.constants import ACTIVE_STATUSES, EV_DONE, EV_ERROR, EV_STATUS, FAILED, RUNNING
+from adapters.ports import JSON, Job, StoreUnavailable
+from adapters.sqs_queue import SqsQueue
+from handlers.bootstrap import Container, bootstrap
+from handlers.settings import Settings
+from pipeline.deps import Deps
+from pipeline.runner import JobRun, run_job
+from pipeline.views import status_event
+
+log = structlog.get_logger("jobq.aws")
+
+SSE_WINDOW_DEFAULT_S = "25"
+"""API Gateway cuts responses at 30 s and Lambda buffers them: SSE answers in windows."""
+DEADLINE_MARGIN_S = 5.0
+"""Kept free at the end of an invocation to record the outcome and answer SQS."""
+RETRY_DELAY_S = 10.0
+"""First back-off of a failed delivery (doubles per receive, capped at ``RETRY_DELAY_MAX_S``)."""
+RETRY_DELAY_MAX_S = 900
+LOCAL_SLICE_S = 3600.0 + 120.0
+"""``jobq worker`` has no invocation limit: this covers the longest ``timeout_ms``."""
+
+# -- the HTTP function ---------------------------------------------------------
+
+
+@dataclass
+class _HttpRuntime:
+    container: Container
+    loop: asyncio.AbstractEventLoop
+    handler: Callable[[JSON, Any], JSON]
+
+
+_http: _HttpRuntime | None = None
+
+
+def _http_runtime() -> _HttpRuntime:
+    """Build the app once per Lambda instance (module state survives between invocations)."""
+    global _http
+    if _http is None:
+        os.environ.setdefault("SSE_WINDOW_S", SSE_WINDOW_DEFAULT_S)
+        from mangum import Mangum
+
+        from handlers.app import create_app
+
+        settings = _settings()
+        container = bootstrap(settings)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(container.open())
+        # lifespan="off": Mangum would otherwise run the app's startup and shutdown
+        # (open and close the container) around every single invocation.
+        mangum = Mangum(create_app(container), lifespan="off")  # type: ignore[arg-type]  # Litestar is an ASGI app; Mangum's protocol type is narrower than Litestar's signature
+        _http = _HttpRuntime(container, loop, mangum)
+        log.info("lambda_http_ready", backend=settings.backend)
+    return _http
+
+
+def http_handler(event: JSON, context: Any) -> JSON:
+    """API Gateway (HTTP API, payload 2.0) -> the Litestar app."""
+    runtime = _http_runtime()
+    asyncio.set_event_loop(runtime.loop)
+    return runtime.handler(event, context)
+
+
+# -- the SQS worker ------------------------------------------------------------
+
+
+@dataclass
+class _WorkerRuntime:
+    container: Container
+    loop: asyncio.AbstractEventLoop
+    in_flight: dict[str, str] = field(default_factory=dict)
+    """messageId -> receiptHandle of the records being run (for ``jobq worker``'s heartbeat)."""
+
+    @property
+    def settings(self) -> Settings:
+        return self.container.settings
+
+    @property
+    def queue(self) -> SqsQueue:
+        queue = self.container.queue
+        if not isinstance(queue, SqsQueue):
+            raise RuntimeError("the SQS worker needs JOBS_QUEUE_URL=sqs://...")
+        return queue
+
+
+_worker: _WorkerRuntime | None = None
+
+
+def _settings() -> Settings:
+    from handlers.logging import configure_logging
+
+    settings = Settings.from_env()
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _worker_runtime(settings: Settings | None = None) -> _WorkerRuntime:
+    global _worker
+    if _worker is None:
+        container = bootstrap(settings or _settings())
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(container.open())
+        _worker = _WorkerRuntime(container, loop)
+    return _worker
+
+
+def _clamped_run(limit_at: float | None) -> type[JobRun]:
+    """A ``JobRun`` whose deadline is no later than ``limit_at`` (epoch seconds)."""
+    if limit_at is None:
+        return JobRun
+    limit: float = limit_at
+
+    class ClampedJobRun(JobRun):
+        def __init__(self, job: Job, deps: Deps) -> None:
+            super().__init__(job, deps)
+            self.own_deadline = self.deadline
+            self.deadline = min(self.deadline, limit)
+
+        def _timeout_message(self) -> str:
+            if self.deadline < self.own_deadline:
+                return (
+                    f"job reached the worker's time limit (the Lambda timeout) before its "
+                    f"deadline of {self.request.timeout_ms} ms; use a shorter timeout_ms"
+                )
+            return super()._timeout_message()
+
+    return ClampedJobRun
+
+
+async def _end_failed(container: Container, job_id: str, code: str, message: str) -> Job | None:
+    """Fail a job still queued/running and publish ``status``, ``error``, ``done``."""
+    job = await container.store.get(job_id)
+    if job is None or not job.active:
+        return job
+    steps = dict(job.steps)
+    running = [name for name, state in steps.items() if state == RUNNING]
+    for name in running:
+        steps[name] = FAILED
+    error = {"code": code, "message": message, "step": running[0] if running else None}
+    ended = await container.store.update(
+        job_id,
+        expect=ACTIVE_STATUSES,
+        status=FAILED,
+        error=error,
+        completed_at=time.time(),
+        steps=steps,
+    )
+    if ended is None:
+        return await container.store.get(job_id)
+    await container.store.append_event(job_id, EV_STATUS, status_event(ended))
+    await container.store.append_event(job_id, EV_ERROR, error)
+    await container.store.append_event(job_id, EV_DONE, {"status": FAILED})
+    log.warning("job_failed", job_id=job_id, code=code, message=message)
+    return ended
+
+
+def _remaining_s(context: Any) -> float | None:
+    getter = getattr(context, "get_remaining_time_in_millis", None)
+    return None if getter is None else float(getter()) / 1000.0
+
+
+async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | None) -> bool:
+    """Run one delivery. True: done with the message (delete it); False: deliver again."""
+    container = runtime.container
+    message_id = str(record.get("messageId", ""))
+    receives = int(record.get("attributes", {}).get("ApproximateReceiveCount", "1"))
+    last_delivery = receives >= container.settings.job_max_attempts
+    try:
+        job_id = str(json.loads(record["body"])["job_id"])
+    except (KeyError, TypeError, ValueError):
+        body = str(record.get("body"))[:200]
+        log.error("sqs_message_malformed", message_id=message_id, body=body)
+        return False
+    bound = log.bind(job_id=job_id, message_id=message_id, receive_count=receives)
+    bound.info("delivery_started", last_delivery=last_delivery)
+    crashed: str | None = None
+    job: Job | None = None
+    outer = None if limit_at is None else max(0.0, limit_at - time.time()) + DEADLINE_MARGIN_S / 2
+    try:
+        async with asyncio.timeout(outer):
+            job = await run_job(job_id, container.deps, run_cls=_clamped_run(limit_at))
+    except TimeoutError:
+        crashed = "the run outlived its invocation's time limit"
+        job = await _end_failed(container, job_id, "timeout", crashed)
+    except Exception as exc:
+        crashed = f"{type(exc).__name__}: {exc}"
+        bound.exception("delivery_crashed")
+        with contextlib.suppress(Exception):
+            job = await container.store.get(job_id)
+    else:
+        if job is not None and job.active:
+            crashed = f"the run handed the job back while {job.status}"
+    if job is not None and not job.active:
+        bound.info("delivery_finished", status=job.status)
+        return True  # ended (completed, failed, cancelled), however the run went
+    if job is None and crashed is None:
+        return True  # unknown or expired job: nothing to do
+    if last_delivery:
+        message = (
+            f"the job's delivery failed {receives} times (last: {crashed}); "
+            "its message went to the dead-letter queue"
+        )
+        with contextlib.suppress(Exception):
+            await _end_failed(container, job_id, "worker_lost", message)
+    bound.warning("delivery_failed", reason=crashed, last_delivery=last_delivery)
+    return False
+
+
+def _retry_delay(receives: int, last_delivery: bool) -> int:
+    if last_delivery:
+        return 0  # straight on to the DLQ
+    base = float(os.environ.get("SQS_RETRY_DELAY_S", RETRY_DELAY_S))
+    return int(min(RETRY_DELAY_MAX_S, base * 2 ** max(0, receives - 1)))
+
+
+async def handle_sqs_event(runtime: _WorkerRuntime, event: JSON, context: Any) -> JSON:
+    """The body of ``sqs_handler``: run every record concurrently, report failures."""
+    remaining = _remaining_s(context)
+    limit_at = None if remaining is None else time.time() + remaining - DEADLINE_MARGIN_S
+    records: list[JSON] = list(event.get("Records", []))
+
+    async def one(record: JSON) -> bool:
+        message_id = str(record.get("messageId", ""))
+        runtime.in_flight[message_id] = str(record.get("receiptHandle", ""))
+        try:
+            ok = await _run_record(runtime, record, limit_at)
+        except Exception:
+            log.exception("delivery_crashed", message_id=message_id)
+            ok = False
+        finally:
+            runtime.in_flight.pop(message_id, None)
+        if not ok and record.get("receiptHandle"):
+            receives = int(record.get("attributes", {}).get("ApproximateReceiveCount", "1"))
+            last = receives >= runtime.settings.job_max_attempts
+            with contextlib.suppress(StoreUnavailable):
+                await runtime.queue.change_visibility(
+                    str(record["receiptHandle"]), _retry_delay(receives, last)
+                )
+        return ok
+
+    outcomes = await asyncio.gather(*(one(r) for r in records))
+    failures = [
+        {"itemIdentifier": str(r.get("messageId", ""))}
+        for r, ok in zip(records, outcomes, strict=True)
+        if not ok
+    ]
+    return {"batchItemFailures": failures}
+
+
+def sqs_handler(event: JSON, context: Any) -> JSON:
+    """Lambda on the jobs queue (``functionResponseType: ReportBatchItemFailures``)."""
+    runtime = _worker_runtime()
+    return runtime.loop.run_until_complete(handle_sqs_event(runtime, event, context))
+
+
+# -- jobq worker ---------------------------------------------------------------
+
+
+class LocalContext:
+    """The part of Lambda's context object the handler uses."""
+
+    def __init__(self, slice_s: float = LOCAL_SLICE_S) -> None:
+        self.ends_at = time.monotonic() + slice_s
+        self.aws_request_id = str(uuid.uuid4())
+        self.function_name = "jobq-worker"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self.ends_at - time.monotonic()) * 1000))
+
+
+def sqs_event(messages: list[JSON], source_arn: str, region: str) -> JSON:
+    """What Lambda's SQS event source hands the function for ``messages``."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": dict(m.get("Attributes", {})),
+                "messageAttributes": {},
+                "md5OfBody": m.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": source_arn,
+                "awsRegion": region,
+            }
+            for m in messages
+        ]
+    }
+
+
+async def _visibility(queue: SqsQueue) -> int:
+    configured = os.environ.get("SQS_VISIBILITY_TIMEOUT_S", "").strip()
+    return max(1, int(configured)) if configured else await queue.visibility_timeout()
+
+
+async def _heartbeat(runtime: _WorkerRuntime, visibility: int) -> None:
+    """Keep the messages being run hidden: a live worker is never raced by a redelivery,
+    a dead one's messages reappear ``visibility`` seconds after its last beat."""
+    while True:
+        await asyncio.sleep(max(0.5, visibility / 3))
+        for receipt in list(runtime.in_flight.values()):
+            with contextlib.suppress(StoreUnavailable):
+                await runtime.queue.change_visibility(receipt, visibility)
+
+
+async def _poll(
+    runtime: _WorkerRuntime, stop: asyncio.Event, batch: int, wait_s: int, visibility: int
+) -> None:
+    queue = runtime.queue
+    arn = await queue.arn()
+    while not stop.is_set():
+        try:
+            messages = await queue.receive(batch, wait_s, visibility)
+        except StoreUnavailable as exc:
+            log.warning("sqs_receive_failed", error=str(exc))
+            await asyncio.sleep(1.0)
+            continue
+        if not messages:
+            continue
+        if stop.is_set():  # received while stopping: hand them straight back
+            for m in messages:
+                with contextlib.suppress(StoreUnavailable):
+                    await queue.change_visibility(m["ReceiptHandle"], 0)
+            return
+        event = sqs_event(messages, arn, runtime.settings.aws_region)
+        reply = await handle_sqs_event(runtime, event, LocalContext())
+        failed = {f["itemIdentifier"] for f in reply["batchItemFailures"]}
+        for m in messages:
+            if m["MessageId"] not in failed:
+                with contextlib.suppress(StoreUnavailable):
+                    await queue.delete(m["ReceiptHandle"])
+
+
+async def _serve(runtime: _WorkerRuntime, pollers: int, batch: int, wait_s: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    visibility = await _visibility(runtime.queue)
+    beat = asyncio.create_task(_heartbeat(runtime, visibility))
+    log.info(
+        "worker_started",
+        backend="aws",
+        queue=runtime.queue.queue_name,
+        pollers=pollers,
+        batch=batch,
+        visibility_s=visibility,
+    )
+    try:
+        await asyncio.gather(
+            *(_poll(runtime, stop, batch, wait_s, visibility) for _ in range(pollers))
+        )
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+        log.info("worker_stopped", backend="aws")
+
+
+def run_sqs_worker(settings: Settings) -> None:
+    """``jobq worker`` on the aws backend. Blocks until SIGTERM/SIGINT, after which each
+    poller finishes the batch it is running and exits (within ``SQS_WAIT_S`` when idle)."""
+    runtime = _worker_runtime(settings)
+    pollers = max(1, min(settings.worker_concurrency, 8))
+    batch = max(1, min(int(os.environ.get("SQS_BATCH_SIZE", "1")), 10))
+    wait_s = max(1, min(int(os.environ.get("SQS_WAIT_S", "5")), 20))
+    try:
+        runtime.loop.run_until_complete(_serve(runtime, pollers, batch, wait_s))
+    finally:
+        runtime.loop.run_until_complete(runtime.container.close())

@@ -1,0 +1,275 @@
+"""The ``jobq`` command: run the service (``serve``, ``worker``) and use it
+(``submit`` with a progress bar, ``status``, ``cancel``, ``artifacts``)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from handlers.settings import Settings, SettingsError
+
+app = typer.Typer(help="Async job system for long LLM pipelines.", no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[
+    str, typer.Option("--url", envvar="JOBQ_URL", help="Base URL of a running server.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="JOBQ_API_KEY", help="API key, when the server requires one."),
+]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value prints one line naming it and exits 2."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        _fail(f"jobq: configuration error: {exc}", 2)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default PORT).")] = None,
+) -> None:
+    """Run the web app. On the local backend the worker runs in this process too."""
+    settings = load_settings()
+    from handlers.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    import uvicorn
+
+    from handlers.app import create_app
+    from handlers.bootstrap import bootstrap
+
+    try:
+        application = create_app(bootstrap(settings))
+    except (RuntimeError, ValueError) as exc:
+        _fail(f"jobq: cannot start: {exc}", 2)
+    uvicorn.run(
+        application,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        proxy_headers=True,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Run a queue worker (redis and aws backends)."""
+    settings = load_settings()
+    from handlers.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.backend == "local":
+        _fail(
+            "jobq: the local backend runs its worker inside `jobq serve`; "
+            "set REDIS_URL (or JOBS_QUEUE_URL=sqs://...) for a separate worker.",
+            2,
+        )
+    if settings.backend == "redis":
+        from handlers.saq_worker import run_worker as run
+    else:
+        from handlers.aws import run_sqs_worker as run
+    outcome = run(settings)
+    if inspect.isawaitable(outcome):
+        asyncio.run(_await(outcome))
+
+
+async def _await(awaitable: Any) -> None:
+    await awaitable
+
+
+def _client(url: str, api_key: str | None, timeout: float | None = 30.0) -> httpx.Client:
+    headers = {"X-API-Key": api_key} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        _fail(f"jobq: cannot reach {client.base_url}: {exc}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "bad_response", "message": response.text[:200]}
+    if response.status_code >= 400:
+        detail = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in body.get("details", []))
+        suffix = f" - {detail}" if detail else ""
+        message = body.get("message", "")
+        _fail(f"jobq: {response.status_code} {body.get('error')}: {message}{suffix}")
+    return body
+
+
+@app.command()
+def submit(
+    title: Annotated[str, typer.Option("--title", help="Project title.")],
+    pitch: Annotated[str | None, typer.Option("--pitch", help="Elevator pitch text.")] = None,
+    pitch_file: Annotated[
+        Path | None, typer.Option("--pitch-file", help="Read the pitch from a file ('-' = stdin).")
+    ] = None,
+    language: Annotated[str, typer.Option(help="de or en.")] = "de",
+    target: Annotated[str | None, typer.Option(help="Target investors.")] = None,
+    geo: Annotated[str | None, typer.Option(help="Region.")] = None,
+    parallel_limit: Annotated[
+        int | None, typer.Option(help="Max concurrent LLM calls (1-16).")
+    ] = None,
+    timeout_ms: Annotated[int | None, typer.Option(help="Deadline of the whole job.")] = None,
+    skip_cache: Annotated[
+        bool, typer.Option("--skip-cache", help="Do not read the step cache.")
+    ] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow/--no-follow", help="Follow the job's progress.")
+    ] = True,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """Submit a pitch to a running server and follow it with a progress bar."""
+    if (pitch is None) == (pitch_file is None):
+        _fail("jobq: give exactly one of --pitch or --pitch-file", 2)
+    if pitch_file is not None:
+        pitch = (
+            sys.stdin.read() if str(pitch_file) == "-" else pitch_file.read_text(encoding="utf-8")
+        )
+    body: dict[str, Any] = {"project_title": title, "elevator_pitch": pitch, "language": language}
+    optional = {
+        "target": target,
+        "geo": geo,
+        "parallel_limit": parallel_limit,
+        "timeout_ms": timeout_ms,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if skip_cache:
+        body["skip_cache"] = True
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with _client(url, api_key) as client:
+        created = _call(client, "POST", "/api/jobs", json=body, headers=headers)
+        job_id = created["jobId"]
+        console.print(f"job [bold]{job_id}[/bold] {created['status']}")
+        if not follow:
+            console.print(f"follow it: jobq status {job_id} --url {url}")
+            return
+    status = follow_job(url, api_key, job_id)
+    raise typer.Exit(0 if status == "completed" else 1)
+
+
+def follow_job(url: str, api_key: str | None, job_id: str) -> str:
+    """Follow the SSE stream to ``done``, reconnecting with Last-Event-ID; returns the status."""
+    from httpx_sse import connect_sse
+
+    last_id: str | None = None
+    final = "unknown"
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[counter]}"),
+        TimeElapsedColumn(),
+    )
+    with (
+        Progress(*columns, console=console) as progress,
+        _client(url, api_key, timeout=None) as client,
+    ):
+        task = progress.add_task("queued", total=100, counter="")
+        for _attempt in range(100):
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with connect_sse(
+                    client, "GET", f"/api/jobs/{job_id}/stream", headers=headers
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        code = source.response.status_code
+                        _fail(f"jobq: stream answered {code}: {source.response.text}")
+                    for event in source.iter_sse():
+                        last_id = event.id or last_id
+                        data = json.loads(event.data) if event.data else {}
+                        _show(progress, task, event.event, data)
+                        if event.event == "done":
+                            return str(data.get("status", final))
+                        if event.event == "status":
+                            final = str(data.get("status", final))
+            except httpx.HTTPError as exc:
+                progress.console.print(f"[yellow]stream interrupted ({exc}); reconnecting[/yellow]")
+    return final
+
+
+def _show(progress: Progress, task: Any, kind: str, data: dict[str, Any]) -> None:
+    if kind == "status":
+        p = data.get("progress") or {}
+        progress.update(
+            task,
+            completed=p.get("percentage", 0),
+            description=f"{data.get('status', '')} {p.get('step') or ''}".strip(),
+            counter=f"{p.get('currentStep', 0)}/{p.get('totalSteps', 15)}",
+        )
+    elif kind == "artifact_written":
+        progress.console.print(
+            f"  [green]✓[/green] {data.get('name')} ({data.get('type')}, {data.get('size')} B)"
+        )
+    elif kind == "result":
+        meta = (data.get("data") or {}).get("meta") or data.get("meta") or {}
+        progress.console.print(f"[bold green]completed[/bold green] {json.dumps(meta)[:300]}")
+    elif kind == "error":
+        code, step = data.get("code"), data.get("step")
+        progress.console.print(f"[bold red]{code}[/bold red] {data.get('message')} (step {step})")
+
+
+@app.command()
+def status(job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Print a job's status document."""
+    with _client(url, api_key) as client:
+        console.print_json(data=_call(client, "GET", f"/api/jobs/{job_id}"))
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> None:
+    """Cancel a job (idempotent)."""
+    with _client(url, api_key) as client:
+        body = _call(client, "POST", f"/api/jobs/{job_id}/cancel")
+    console.print(f"job {body['jobId']}: {body['status']} ({body.get('message', '')})")
+
+
+@app.command()
+def artifacts(
+    job_id: str,
+    name: Annotated[str | None, typer.Argument(help="Print this artifact in full.")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    api_key: KeyOpt = None,
+) -> None:
+    """List a job's artifacts, or print one."""
+    with _client(url, api_key) as client:
+        if name is not None:
+            console.print_json(data=_call(client, "GET", f"/api/jobs/{job_id}/artifacts/{name}"))
+            return
+        body = _call(client, "GET", f"/api/jobs/{job_id}/artifacts")
+    table = Table("name", "type", "size", "hash", title=f"artifacts of {job_id}")
+    for item in body["artifacts"]:
+        table.add_row(item["name"], item["type"], str(item["size"]), item["hash"][:16])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

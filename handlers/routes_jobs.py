@@ -1,0 +1,157 @@
+"""The job API (SPEC §4): thin handlers over ``JobService``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.exceptions import NotFoundException
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+
+from adapters.constants import STATUSES, TERMINAL_STATUSES
+from handlers import http_common as h
+from handlers.sse import job_events, last_event_id, sse_response
+
+JSONDict = dict[str, Any]
+
+
+def job_location(job_id: str) -> str:
+    return f"/api/jobs/{job_id}"
+
+
+@post("/api/jobs", status_code=202, summary="Create a job", tags=["jobs"])
+async def create_job(request: Request[Any, Any, Any]) -> Response[JSONDict]:
+    """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
+    caller = h.tenant(request)
+    h.rate_limit(request, caller)
+    key = h.idempotency_key(request)
+    body = await h.json_body(request)
+    job, created = await h.container(request).service.submit(body, caller, key)
+    if created:
+        h.metrics(request).submitted.labels(endpoint="jobs").inc()
+    message = "job accepted" if created else "job already exists for this Idempotency-Key"
+    return Response(
+        {"jobId": job.id, "status": job.status, "message": message},
+        status_code=202,
+        headers={"Location": job_location(job.id), "Idempotent-Replayed": str(not created).lower()},
+    )
+
+
+@get("/api/jobs", summary="List the caller's recent jobs", tags=["jobs"])
+async def list_jobs(
+    request: Request[Any, Any, Any],
+    status: str | None = None,
+    limit: int = Parameter(default=20, ge=1, le=200),
+    cursor: str | None = None,
+) -> JSONDict:
+    if status is not None and status not in STATUSES:
+        raise h.InvalidBody(
+            "invalid query", extra=[{"field": "status", "message": f"one of {', '.join(STATUSES)}"}]
+        )
+    try:
+        page: JSONDict = await h.container(request).service.list(
+            h.reader(request), status, limit, cursor
+        )
+    except ValueError:
+        raise h.InvalidBody(
+            "invalid query", extra=[{"field": "cursor", "message": "not a cursor this API issued"}]
+        ) from None
+    return page
+
+
+@get("/api/jobs/{job_id:str}", summary="Job status", tags=["jobs"])
+async def get_job(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+    view = await h.container(request).service.view(h.check_job_id(job_id), h.reader(request))
+    if view is None:
+        raise NotFoundException("job not found")
+    return view
+
+
+@get("/api/jobs/{job_id:str}/stream", summary="Job events (Server-Sent Events)", tags=["jobs"])
+async def stream_job(
+    request: Request[Any, Any, Any],
+    job_id: str,
+    last_event_id_query: str | None = Parameter(query="lastEventId", default=None),
+) -> ServerSentEvent:
+    c = h.container(request)
+    scope = h.reader(request)
+    h.check_job_id(job_id)
+    if await c.service.get(job_id, scope) is None:
+        raise NotFoundException("job not found")
+
+    async def load_job() -> Any:
+        return await c.service.get(job_id, scope)
+
+    after = last_event_id(request.headers.get("last-event-id"), last_event_id_query)
+    return sse_response(
+        job_events(
+            c.store,
+            job_id,
+            after,
+            heartbeat_s=c.settings.sse_heartbeat_s,
+            window_s=c.settings.sse_window_s,
+            load_job=load_job,
+        )
+    )
+
+
+@get("/api/jobs/{job_id:str}/artifacts", summary="Artifact metadata of a job", tags=["artifacts"])
+async def list_artifacts(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+    items = await h.container(request).service.artifacts(h.check_job_id(job_id), h.reader(request))
+    if items is None:
+        raise NotFoundException("job not found")
+    return {"jobId": job_id, "artifacts": items, "count": len(items)}
+
+
+@get("/api/jobs/{job_id:str}/artifacts/{name:str}", summary="One artifact", tags=["artifacts"])
+async def get_artifact(request: Request[Any, Any, Any], job_id: str, name: str) -> JSONDict:
+    c = h.container(request)
+    item = await c.service.artifact(
+        h.check_job_id(job_id), h.reader(request), h.check_artifact(name)
+    )
+    if item is None:
+        raise NotFoundException("artifact not found")
+    result: JSONDict = item
+    return result
+
+
+@post("/api/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job", tags=["jobs"])
+async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> Response[JSONDict]:
+    """Idempotent. Queued -> cancelled now; running -> the worker stops; finished -> unchanged."""
+    job = await h.container(request).service.cancel(h.check_job_id(job_id), h.reader(request))
+    if job is None:
+        raise NotFoundException("job not found")
+    finished = job.status in TERMINAL_STATUSES
+    message = (
+        "job cancelled"
+        if job.status == "cancelled"
+        else f"job already {job.status}"
+        if finished
+        else "cancellation requested"
+    )
+    return Response(
+        {"jobId": job.id, "status": job.status, "message": message},
+        status_code=200 if finished else 202,
+    )
+
+
+@get("/api/jobs/{job_id:str}/trace", summary="Every LLM call of a job", tags=["jobs"])
+async def get_trace(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+    trace = await h.container(request).service.trace(h.check_job_id(job_id), h.reader(request))
+    if trace is None:
+        raise NotFoundException("job not found")
+    result: JSONDict = trace
+    return result
+
+
+ROUTES = [
+    create_job,
+    list_jobs,
+    get_job,
+    stream_job,
+    list_artifacts,
+    get_artifact,
+    cancel_job,
+    get_trace,
+]

@@ -1,0 +1,164 @@
+"""The redis backend's worker: a SAQ worker that runs many jobs at once per process.
+
+``jobq worker`` calls :func:`run_worker`. ``saq handlers.saq_worker.saq_settings``
+runs the same worker under SAQ's own CLI (and its web UI with ``--web``).
+
+Shutdown (SIGTERM or SIGINT): the worker stops taking jobs at once, lets running
+jobs finish for ``WORKER_GRACE_S`` (default 25 s, below Render's 30 s), then
+cancels the rest; SAQ puts each cancelled delivery back on the queue. The job
+stays ``running`` in the store and the next delivery resumes from its
+checkpoints, so nothing is lost.
+
+Timers from the environment: ``SAQ_SWEEP_S`` (10: how often stuck jobs are
+looked for), ``SAQ_WORKER_INFO_S`` (10: how often the worker reports itself alive);
+the heartbeat is set per job at enqueue time (``SAQ_HEARTBEAT_S``, see
+``adapters.saq_queue``) and sent by :func:`run_job` three times per period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
+import structlog
+from saq import Worker
+from saq.job import Job as SaqJob
+
+from adapters.constants import COMPLETED, FAILED
+from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue, env_number
+from handlers.bootstrap import Container, bootstrap
+from handlers.settings import Settings
+
+log = structlog.get_logger("jobq.worker")
+
+DEQUEUE_TIMEOUT_S = 1.0
+"""A blocked dequeue returns this often, so shutdown does not wait on an idle slot."""
+
+
+def grace_s() -> int:
+    return int(env_number("WORKER_GRACE_S", 25, 0, 3600))
+
+
+async def _heartbeat(job: SaqJob) -> None:
+    """Touch the SAQ job so the sweep knows its worker is alive."""
+    if not job.heartbeat:
+        return
+    interval = max(0.2, job.heartbeat / 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await job.update()
+        except Exception as exc:  # Redis may be away for a moment; the next beat retries
+            log.warning("heartbeat_failed", job_id=job.key, error=str(exc))
+
+
+async def run_job(ctx: Any, *, job_id: str) -> None:
+    """SAQ function ``run_job``: one delivery of a job, through ``Container.run``."""
+    container: Container = ctx["container"]
+    delivery: SaqJob = ctx["job"]
+    log.info("job_picked_up", job_id=job_id, delivery=delivery.attempts, worker=ctx["worker"].id)
+    beat = asyncio.create_task(_heartbeat(delivery), name=f"heartbeat-{job_id}")
+    try:
+        await container.run(job_id)
+    except asyncio.CancelledError:
+        log.warning("job_handed_back", job_id=job_id, delivery=delivery.attempts)
+        raise
+    except Exception:
+        log.exception("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts)
+        raise
+    finally:
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+    job = await container.store.get(job_id)
+    status = job.status if job else "missing"
+    if status == FAILED:
+        log.info("job_failed", job_id=job_id, status=status, error=job.error if job else None)
+    elif status == COMPLETED or job is None or not job.active:
+        log.info("job_finished", job_id=job_id, status=status)
+    else:
+        log.info("job_released", job_id=job_id, status=status)
+
+
+class JobqWorker(Worker[Any]):
+    """SAQ's worker, with shutdown log lines and upkeep loops stopped at once on a
+    signal (they would otherwise hold the shutdown for up to a sweep period)."""
+
+    async def stop(self) -> None:
+        if not self._stopped:
+            running = [job.key for job in self.job_task_contexts]
+            log.info("worker_stopping", worker=self.id, running=running, grace_s=grace_s())
+            for task in list(self.tasks):
+                if task.get_name() != "process":
+                    task.cancel()
+        await super().stop()
+
+
+def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:
+    async def startup(ctx: Any) -> None:
+        worker: Worker[Any] = ctx["worker"]
+        queue.saq.should_stop = worker.event.is_set
+        container = bootstrap(settings, queue=queue)
+        await container.open()
+        ctx["container"] = container
+        log.info(
+            "worker_started",
+            worker=worker.id,
+            queue=queue.saq.name,
+            concurrency=worker.concurrency,
+            pid=os.getpid(),
+            backend=settings.backend,
+        )
+
+    async def shutdown(ctx: Any) -> None:
+        container: Container | None = ctx.get("container")
+        if container is not None:
+            await container.close()
+        log.info("worker_stopped", worker=ctx["worker"].id)
+
+    return startup, shutdown
+
+
+def worker_kwargs(settings: Settings, queue: SaqQueue) -> dict[str, Any]:
+    """SAQ ``Worker`` arguments (also SAQ's settings dict)."""
+    startup, shutdown = _lifecycle(queue, settings)
+    return {
+        "queue": queue.saq,
+        "functions": [(RUN_JOB_FUNCTION, run_job)],
+        "concurrency": settings.worker_concurrency,
+        "startup": startup,
+        "shutdown": shutdown,
+        "timers": {
+            "sweep": int(env_number("SAQ_SWEEP_S", 10, 1, 3600)),
+            "worker_info": int(env_number("SAQ_WORKER_INFO_S", 10, 1, 3600)),
+            "schedule": 1,
+            "abort": 1,
+        },
+        "dequeue_timeout": DEQUEUE_TIMEOUT_S,
+        "shutdown_grace_period_s": grace_s(),
+        "metadata": {"pid": os.getpid(), "host": socket.gethostname()},
+    }
+
+
+def saq_settings() -> dict[str, Any]:
+    """For ``saq handlers.saq_worker.saq_settings``: settings from the environment."""
+    settings = Settings.from_env()
+    return worker_kwargs(settings, SaqQueue(settings.queue_url, prefix=settings.key_prefix))
+
+
+async def serve_worker(settings: Settings) -> None:
+    queue = SaqQueue(settings.queue_url, prefix=settings.key_prefix)
+    worker = JobqWorker(**worker_kwargs(settings, queue))
+    try:
+        await queue.open()
+        await worker.start()
+    finally:
+        await queue.close()
+
+
+def run_worker(settings: Settings) -> None:
+    """``jobq worker`` on the redis backend: run until SIGTERM/SIGINT."""
+    asyncio.run(serve_worker(settings))

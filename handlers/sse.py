@@ -1,0 +1,92 @@
+"""The job event stream (SPEC §4): the store's event log replayed and followed.
+
+Every event carries the store's per-job id, so a reconnect with ``Last-Event-ID``
+continues exactly after it. The log holds a finished job's events too, so a late
+subscriber sees the final ``status``, ``result``/``error`` and ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from adapters.constants import EV_DONE, TERMINAL_STATUSES
+from adapters.ports import Job, JobStore
+
+RETRY_MS = 2000
+log = structlog.get_logger("jobq.sse")
+
+
+def last_event_id(header: str | None, query: str | None) -> int:
+    """The id to resume after: the header wins, then ``?lastEventId=``; junk means 0."""
+    for raw in (header, query):
+        if raw and raw.strip().isdigit():
+            return int(raw.strip())
+    return 0
+
+
+async def job_events(
+    store: JobStore,
+    job_id: str,
+    after: int,
+    *,
+    heartbeat_s: float,
+    window_s: float = 0.0,
+    load_job: Callable[[], Awaitable[Job | None]],
+) -> AsyncIterator[ServerSentEventMessage]:
+    """``retry:`` first, then events after ``after`` until ``done``.
+
+    Waits in slices no longer than the heartbeat interval; with ``window_s > 0``
+    (platforms that buffer the response) the stream ends after that long and the
+    client reconnects with ``Last-Event-ID``.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + window_s if window_s > 0 else None
+    next_beat = started + heartbeat_s
+    yield ServerSentEventMessage(data=None, retry=RETRY_MS)
+    while True:
+        now = loop.time()
+        if deadline is not None and now >= deadline:
+            return
+        wait = max(0.0, min(next_beat, deadline or next_beat) - now)
+        events = await store.read_events(job_id, after, wait_s=wait)
+        for event in events:
+            if event.id <= after:
+                continue
+            after = event.id
+            yield ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
+            if event.type == EV_DONE:
+                return
+        if loop.time() >= next_beat:
+            next_beat = loop.time() + heartbeat_s
+            if not events and await _finished_without_done(store, job_id, after, load_job):
+                # The log lost its tail (expired or never written): close rather than
+                # leave the client waiting forever. No id: nothing to resume after.
+                log.warning("sse_log_without_done", job_id=job_id, after=after)
+                job = await load_job()
+                yield ServerSentEventMessage(
+                    event=EV_DONE, data=json.dumps({"status": job.status if job else "unknown"})
+                )
+                return
+            yield ServerSentEventMessage(data=None, comment="keep-alive")
+
+
+async def _finished_without_done(
+    store: JobStore, job_id: str, after: int, load_job: Callable[[], Awaitable[Job | None]]
+) -> bool:
+    job = await load_job()
+    if job is None or job.status not in TERMINAL_STATUSES:
+        return False
+    # The terminal events are written right after the status; give them one more look.
+    return not await store.read_events(job_id, after, wait_s=0.5)
+
+
+def sse_response(messages: AsyncIterator[ServerSentEventMessage]) -> ServerSentEvent:
+    return ServerSentEvent(
+        messages, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

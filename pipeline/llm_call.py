@@ -1,0 +1,215 @@
+"""One LLM step: render the prompt, call the provider with retries inside the job's
+deadline, validate the answer, repair once, and trace every attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from adapters.ports import JSON, LLMError, LLMRequest, now_ms
+from pipeline.deps import Deps, PipelineConfig
+from pipeline.prompts import render, repair_prompt
+from pipeline.schemas import InvalidOutput, json_schema, parse_output, schema_name
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """What one LLM step call needs to know about its job."""
+
+    job_id: str
+    step: str
+    language: str
+    inputs: dict[str, Any]
+    """Input artifacts of the step: artifact name -> data."""
+    deadline: float
+    """Epoch seconds; no attempt or retry wait may run past it."""
+
+
+class _InvalidAnswer(Exception):
+    def __init__(self, text: str, error: str) -> None:
+        super().__init__(error)
+        self.text = text
+        self.error = error
+
+
+def backoff_delay(config: PipelineConfig, attempt: int, retry_after: float | None) -> float:
+    """Wait before retry number ``attempt`` (1-based): exponential with full jitter
+    on top, capped, and never shorter than the provider's ``Retry-After``."""
+    base = min(config.llm_backoff_max_s, config.llm_backoff_base_s * 2 ** (attempt - 1))
+    delay: float = base + random.uniform(0, base)
+    return max(delay, retry_after or 0.0)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, LLMError) and exc.transient
+
+
+def cost_usd(config: PipelineConfig, model: str, prompt: int, completion: int) -> float | None:
+    price = config.price_per_1k_tokens.get(model)
+    if price is None:
+        return None
+    return round(prompt / 1000 * price[0] + completion / 1000 * price[1], 6)
+
+
+async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
+    """Trace a step served from the cache: no call, no tokens."""
+    await deps.store.add_trace(
+        job_id,
+        {
+            "step": step,
+            "provider": deps.llm.name,
+            "model": deps.config.model_for(step),
+            "attempt": 0,
+            "kind": "cache",
+            "cache_hit": True,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "duration_ms": 0,
+            "outcome": "ok",
+            "cost_usd": 0.0 if deps.config.price_per_1k_tokens.get(deps.config.model_for(step))
+            else None,
+            "ts": now_ms(),
+        },
+    )
+
+
+class _Caller:
+    def __init__(self, deps: Deps, call: StepCall) -> None:
+        self.deps = deps
+        self.call = call
+        self.attempt = 0
+
+    async def trace(self, kind: str, outcome: str, started: float, **extra: Any) -> None:
+        prompt_tokens = int(extra.pop("prompt_tokens", 0))
+        completion_tokens = int(extra.pop("completion_tokens", 0))
+        model = self.deps.config.model_for(self.call.step)
+        record: JSON = {
+            "step": self.call.step,
+            "provider": self.deps.llm.name,
+            "model": model,
+            "attempt": self.attempt,
+            "kind": kind,
+            "cache_hit": False,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            "outcome": outcome,
+            "cost_usd": cost_usd(self.deps.config, model, prompt_tokens, completion_tokens),
+            "ts": now_ms(),
+            **extra,
+        }
+        await self.deps.store.add_trace(self.call.job_id, record)
+
+    async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
+        """One provider call and validation of its answer."""
+        self.attempt += 1
+        remaining = self.call.deadline - time.time()
+        if remaining <= 0:
+            raise LLMError("timeout", "job deadline reached before the call")
+        per_call = min(request.timeout_s, remaining)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(per_call):
+                if self.deps.limiter is not None:
+                    tokens = (len(request.system) + len(request.prompt)) // 4
+                    await self.deps.limiter.acquire(request.model, tokens)
+                reply = await self.deps.llm.complete(request)
+        except TimeoutError:
+            deadline_hit = per_call >= remaining
+            error = LLMError(
+                "timeout",
+                f"no answer within {per_call:.1f}s"
+                + (" (job deadline)" if deadline_hit else ""),
+                transient=not deadline_hit,
+            )
+            await self.trace(kind, error.code, started, error=error.message)
+            raise error from None
+        except LLMError as exc:
+            await self.trace(kind, exc.code, started, error=exc.message)
+            raise
+        usage = {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+        }
+        try:
+            data = parse_output(self.call.step, reply.text)
+        except InvalidOutput as exc:
+            await self.trace(kind, "llm_invalid_output", started, error=str(exc), **usage)
+            raise _InvalidAnswer(reply.text, str(exc)) from exc
+        await self.trace(kind, "ok", started, **usage)
+        return data
+
+    async def with_retries(self, request: LLMRequest, kind: str) -> dict[str, Any]:
+        """``once`` retried on transient errors; a wait that would cross the
+        deadline ends the step with ``timeout`` instead."""
+        config = self.deps.config
+        passed_deadline = False
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = exc.retry_after if isinstance(exc, LLMError) else None
+            return backoff_delay(config, state.attempt_number, retry_after)
+
+        def stop(state: RetryCallState) -> bool:
+            nonlocal passed_deadline
+            if time.time() + state.upcoming_sleep >= self.call.deadline:
+                passed_deadline = True
+                return True
+            return state.attempt_number > config.llm_max_retries
+
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_transient), wait=wait, stop=stop, reraise=True
+            ):
+                with attempt:
+                    return await self.once(request, kind)
+        except LLMError as exc:
+            if passed_deadline:
+                raise LLMError(
+                    "timeout", f"job deadline reached while retrying: {exc.message}"
+                ) from exc
+            raise
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")
+
+
+async def call_llm_step(deps: Deps, call: StepCall) -> dict[str, Any]:
+    """Validated output of one LLM step, or :class:`LLMError` (``code`` says why)."""
+    schema = json_schema(call.step)
+    system, prompt = render(call.step, call.language, call.inputs, schema)
+    request = LLMRequest(
+        step=call.step,
+        model=deps.config.model_for(call.step),
+        system=system,
+        prompt=prompt,
+        schema=schema,
+        schema_name=schema_name(call.step),
+        language=call.language,
+        timeout_s=deps.config.llm_timeout_s,
+        context=call.inputs,
+    )
+    caller = _Caller(deps, call)
+    try:
+        return await caller.with_retries(request, "call")
+    except _InvalidAnswer as first:
+        log.warning("llm_output_invalid", job_id=call.job_id, step=call.step, error=first.error)
+        repair = replace(
+            request,
+            history=(*request.history, ("user", prompt), ("assistant", first.text)),
+            prompt=repair_prompt(call.language, first.error),
+        )
+        try:
+            return await caller.with_retries(repair, "repair")
+        except _InvalidAnswer as second:
+            raise LLMError(
+                "llm_invalid_output",
+                f"answer for step {call.step} invalid after one repair: {second.error}",
+            ) from second

@@ -1,0 +1,93 @@
+"""Prompt templates: ``pipeline/prompts/<language>/<step>.md``, loaded as package data.
+
+A template has a system part and a user part, split by ``<!-- user -->``. Its
+``$placeholders`` are filled only from the step's input artifacts (plus the job
+language), so a template that reaches for anything else fails to render. The JSON
+schema of the answer is appended by code, so template and schema cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+from string import Template
+from typing import Any
+
+from pipeline.graph import SECTION_STEPS
+from pipeline.hashing import sha256_hex
+
+PROMPT_VERSION = "1"
+"""Bump on a change of meaning that the template text alone does not show (e.g. the
+schema's interpretation); every template's own digest enters the cache key anyway."""
+
+LANGUAGES = ("de", "en")
+LANGUAGE_NAMES = {
+    "de": {"de": "deutsch", "en": "englisch"},
+    "en": {"de": "German", "en": "English"},
+}
+SYSTEM_MARK = "<!-- system -->"
+USER_MARK = "<!-- user -->"
+
+
+@cache
+def _text(language: str, name: str) -> str:
+    if language not in LANGUAGES:
+        raise ValueError(f"unsupported language {language!r}")
+    return resources.files("pipeline").joinpath(f"prompts/{language}/{name}.md").read_text("utf-8")
+
+
+@cache
+def template(step: str, language: str) -> tuple[str, str]:
+    """(system, user) template texts of ``step`` in ``language``."""
+    raw = _text(language, step)
+    system, sep, user = raw.partition(USER_MARK)
+    if not sep:
+        raise ValueError(f"prompt {language}/{step}.md has no {USER_MARK} line")
+    return system.replace(SYSTEM_MARK, "").strip(), user.strip()
+
+
+@cache
+def prompt_version(step: str, language: str) -> str:
+    """Version of one step's prompt for the cache key: constant plus template digest."""
+    digest = sha256_hex(_text(language, step) + _text(language, "_format"))[:16]
+    return f"{PROMPT_VERSION}:{digest}"
+
+
+def _as_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=1)
+
+
+def placeholders(language: str, inputs: dict[str, Any]) -> dict[str, str]:
+    """Values for ``$names`` from the step's input artifacts (name -> data)."""
+    values = {name: _as_text(data) for name, data in inputs.items()}
+    pitch = inputs.get("pitch")
+    if isinstance(pitch, dict):
+        for key in ("title", "pitch", "target", "geo"):
+            values[key] = str(pitch.get(key, ""))
+    sections = {
+        name: inputs[f"section_{name}"] for name in SECTION_STEPS if f"section_{name}" in inputs
+    }
+    if len(sections) == len(SECTION_STEPS):
+        values["sections"] = _as_text(sections)
+    values["language"] = language
+    values["language_name"] = LANGUAGE_NAMES[language][language]
+    return values
+
+
+def render(
+    step: str, language: str, inputs: dict[str, Any], schema: dict[str, Any]
+) -> tuple[str, str]:
+    """(system, prompt) for one LLM call of ``step``. Raises ``KeyError`` if the template
+    uses a placeholder the step's inputs do not provide."""
+    system, user = template(step, language)
+    values = placeholders(language, inputs)
+    body = Template(user).substitute(values)
+    answer_format = _text(language, "_format").strip()
+    schema_text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    return system, f"{body}\n\n{answer_format}\n{schema_text}"
+
+
+def repair_prompt(language: str, error: str) -> str:
+    """The follow-up turn after an invalid answer, quoting what was wrong."""
+    return Template(_text(language, "_repair").strip()).substitute(error=error)

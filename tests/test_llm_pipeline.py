@@ -1,0 +1,164 @@
+"""The whole 15-step pipeline through the real OpenAI and Anthropic SDKs, against local
+servers speaking their wire formats, wired exactly as production is (``bootstrap``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+
+from handlers.bootstrap import Container, bootstrap
+from handlers.settings import Settings
+from pipeline.graph import LLM_STEPS
+from tests.support.fake_llm import FakeLLMServer, fake_anthropic_server, fake_openai_server
+
+BODY = {
+    "project_title": "Acme Robotics",
+    "elevator_pitch": "Robots that fold laundry for hotels, 40% cheaper than staff, 12 pilots.",
+    "language": "en",
+    "parallel_limit": 4,
+}
+
+ServerFactory = Callable[..., AbstractContextManager[FakeLLMServer]]
+
+
+def _env(provider: str, fake: FakeLLMServer, **extra: str) -> dict[str, str]:
+    env = {"JOBS_STORE_URL": "memory://", "LLM_PROVIDER": provider, "LLM_MAX_RETRIES": "8"}
+    if provider == "openai":
+        env |= {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake.openai_base_url}
+    else:
+        env |= {"ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": fake.anthropic_base_url}
+    return env | extra
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def provider_fake(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeLLMServer]]:
+    factory: ServerFactory = fake_openai_server if request.param == "openai" else fake_anthropic_server
+    with factory() as fake:
+        yield request.param, fake
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[[dict[str, str]], Awaitable[Container]]]:
+    containers: list[Container] = []
+
+    async def start(env: dict[str, str]) -> Container:
+        container = bootstrap(Settings.from_env(env))
+        await container.open()
+        containers.append(container)
+        return container
+
+    yield start
+    for container in containers:
+        await container.close()
+
+
+async def _run(container: Container, body: dict[str, Any] | None = None, wait_s: float = 60) -> Any:
+    job, _ = await container.service.submit(body or BODY, tenant="t")
+    return await container.service.wait_finished(job.id, wait_s)
+
+
+async def test_whole_pipeline_completes_and_trace_tokens_equal_the_servers(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """Every step runs through the SDK; the trace's token totals are what the server reported."""
+    provider, fake = provider_fake
+    container = await started(_env(provider, fake))
+    job = await _run(container)
+    assert job.status == "completed", job.error
+    assert len(await container.store.list_artifacts(job.id)) == 15
+    trace = await container.service.trace(job.id, "t")
+    assert trace["totals"]["prompt_tokens"] == fake.usage_totals["prompt_tokens"] > 0
+    assert trace["totals"]["completion_tokens"] == fake.usage_totals["completion_tokens"] > 0
+    assert {c["provider"] for c in trace["calls"]} == {provider}
+    assert all(r.schema is not None for r in fake.requests), "structured output not enforced"
+    assert fake.usage_totals["calls"] == len(LLM_STEPS)
+
+
+async def test_thirty_percent_429_and_500_still_complete_every_job(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """With 30% of calls answered 429 (Retry-After) or 500, every job still completes."""
+    provider, fake = provider_fake
+    fake.set_behaviour(failure_rate=0.3, failures=("429:retry_after=0.05", "500"), seed=11)
+    container = await started(_env(provider, fake))
+    jobs = [await _run(container, BODY | {"project_title": f"Acme {n}"}) for n in range(3)]
+    assert [j.status for j in jobs] == ["completed"] * 3, [j.error for j in jobs]
+    failed_calls = fake.count(status=429) + fake.count(status=500)
+    assert failed_calls > 0
+    retried = [
+        c for j in jobs for c in (await container.service.trace(j.id, "t"))["calls"] if c["attempt"] > 1
+    ]
+    assert len(retried) == failed_calls
+
+
+async def test_wrong_key_fails_the_job_at_once_with_llm_auth(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """A 401 is not retried: the job fails with llm_auth after one request per started step."""
+    provider, fake = provider_fake
+    fake.set_behaviour(api_key="the-right-key")
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"parallel_limit": 1})
+    assert job.status == "failed"
+    assert job.error["code"] == "llm_auth"
+    assert provider in job.error["message"]
+    assert fake.count(status=401) == len(fake.requests) == 1
+
+
+async def test_malformed_then_valid_answer_succeeds_after_one_repair(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """A non-JSON answer triggers exactly one repair request quoting the error, then the job completes."""
+    provider, fake = provider_fake
+    fake.plan(["malformed"])
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"parallel_limit": 1})
+    assert job.status == "completed", job.error
+    repairs = [c for c in (await container.service.trace(job.id, "t"))["calls"] if c["kind"] == "repair"]
+    assert len(repairs) == 1 and repairs[0]["outcome"] == "ok"
+    repair_request = fake.requests[1]
+    assert len(repair_request.messages) > len(fake.requests[0].messages)
+
+
+async def test_invalid_twice_fails_the_step_with_llm_invalid_output(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """Invalid output, then invalid again after the repair, fails the job with llm_invalid_output."""
+    provider, fake = provider_fake
+    fake.plan(["invalid", "invalid"])
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"parallel_limit": 1})
+    assert job.status == "failed"
+    assert job.error["code"] == "llm_invalid_output"
+    assert job.error["step"] == "evidence"
+
+
+async def test_slow_server_is_cut_by_the_job_deadline(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """A server slower than timeout_ms: the job fails with timeout and no call is left open."""
+    provider, fake = provider_fake
+    fake.set_behaviour(delay_s=30)
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"timeout_ms": 1500}, wait_s=20)
+    assert job.status == "failed"
+    assert job.error["code"] == "timeout"
+    assert await fake.async_wait_until(
+        lambda f: all(r.client_disconnected for r in f.requests), within_s=10
+    )
+
+
+async def test_step_model_routing_reaches_the_provider(started: Any) -> None:
+    """LLM_MODEL_<STEP> sends that step to its own model; the rest use LLM_DEFAULT_MODEL."""
+    with fake_openai_server() as fake:
+        container = await started(
+            _env("openai", fake, LLM_DEFAULT_MODEL="small-model", LLM_MODEL_INVESTOR_SCORE="big-model")
+        )
+        job = await _run(container)
+        assert job.status == "completed", job.error
+        by_model = {r.model for r in fake.requests if (r.schema_name or "").startswith("investor_score")}
+        others = {r.model for r in fake.requests if not (r.schema_name or "").startswith("investor_score")}
+        assert (by_model, others) == ({"big-model"}, {"small-model"})

@@ -1,0 +1,556 @@
+"""The OpenAI and Anthropic providers through their real SDKs against local HTTP
+servers speaking the wire formats (tests/support/fake_llm.py), the error mapping,
+the fake's schema-valid answers, and the in-memory rate limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from adapters.llm_anthropic import AnthropicProvider
+from adapters.llm_errors import parse_retry_after
+from adapters.llm_openai import OpenAIProvider
+from adapters.ports import LLMError, LLMReply, LLMRequest
+from adapters.ratelimit_memory import MemoryRateLimiter
+from pipeline.graph import LLM_STEPS
+from pipeline.schemas import InvalidOutput, json_schema, parse_output
+from tests.support.fake_llm import (
+    FakeLLMServer,
+    broken_example,
+    fake_anthropic_server,
+    fake_openai_server,
+    presented_key,
+    schema_example,
+)
+
+API_KEY = "sk-test-key"
+
+SECTION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "headline": {"type": "string", "minLength": 3, "maxLength": 120},
+        "bullets": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+        "evidence_coverage": {"type": "number", "minimum": 0, "maximum": 1},
+        "verdict": {"enum": ["GREEN", "YELLOW", "RED"]},
+    },
+    "required": ["headline", "bullets", "evidence_coverage", "verdict"],
+    "additionalProperties": False,
+}
+
+
+def make_request(**changes: Any) -> LLMRequest:
+    fields: dict[str, Any] = {
+        "step": "market",
+        "model": "test-model",
+        "system": "You are an analyst.",
+        "prompt": "Size the market.",
+        "schema": SECTION_SCHEMA,
+        "schema_name": "section market",
+        "language": "en",
+        "timeout_s": 5.0,
+    }
+    fields.update(changes)
+    return LLMRequest(**fields)
+
+
+@pytest.fixture(params=["openai", "anthropic"])
+def api(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def fake(api: str) -> Iterator[FakeLLMServer]:
+    factory = fake_openai_server if api == "openai" else fake_anthropic_server
+    with factory(api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+async def provider(
+    api: str, fake: FakeLLMServer
+) -> AsyncIterator[OpenAIProvider | AnthropicProvider]:
+    made = (
+        OpenAIProvider(API_KEY, fake.base_url)
+        if api == "openai"
+        else AnthropicProvider(API_KEY, fake.base_url)
+    )
+    yield made
+    await made.aclose()
+
+
+async def expect_error(provider: OpenAIProvider | AnthropicProvider, **changes: Any) -> LLMError:
+    with pytest.raises(LLMError) as caught:
+        await provider.complete(make_request(**changes))
+    return caught.value
+
+
+# -- both providers ------------------------------------------------------------------
+
+
+async def test_schema_request_answered_with_valid_json(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A structured request returns JSON text that validates against the step's schema."""
+    reply = await provider.complete(make_request())
+    jsonschema.validate(json.loads(reply.text), SECTION_SCHEMA)
+    assert reply.model == "test-model"
+    record = fake.requests[0]
+    assert [r.status for r in fake.requests] == [200]
+    assert (record.schema, record.schema_name) == (SECTION_SCHEMA, "section_market")
+    assert record.messages == [("system", "You are an analyst."), ("user", "Size the market.")]
+
+
+async def test_usage_tokens_are_the_servers(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Prompt/completion tokens in the reply are exactly what the server reported."""
+    fake.set_behaviour(usage=(123, 45))
+    fake.plan(["ok", "ok:prompt_tokens=7,completion_tokens=3"])
+    replies = [await provider.complete(make_request()) for _ in range(3)]
+    usage = [(r.prompt_tokens, r.completion_tokens) for r in replies]
+    assert usage == [(123, 45), (7, 3), (123, 45)]
+    assert fake.usage_totals == {
+        "prompt_tokens": 253,
+        "completion_tokens": 93,
+        "total_tokens": 346,
+        "calls": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    ("directive", "expected"),
+    [("429:retry_after=7", 7.0), ("429:retry_after_ms=250", 0.25), ("429", None)],
+)
+async def test_rate_limited_is_transient_with_retry_after(
+    provider: OpenAIProvider | AnthropicProvider,
+    fake: FakeLLMServer,
+    directive: str,
+    expected: float | None,
+) -> None:
+    """429 maps to llm_rate_limited, transient, with Retry-After (s or ms) as retry_after."""
+    fake.plan([directive])
+    error = await expect_error(provider)
+    assert (error.code, error.transient, error.retry_after, error.status) == (
+        "llm_rate_limited",
+        True,
+        expected,
+        429,
+    )
+    assert f"{provider.name}: rate limited on step 'market' (429)" in error.message
+
+
+async def test_retry_after_as_http_date(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A Retry-After HTTP date becomes the seconds until that date."""
+    fake.plan(["429:retry_after_date=120"])
+    error = await expect_error(provider)
+    assert error.retry_after is not None
+    assert 100 <= error.retry_after <= 120
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 529])
+async def test_server_errors_are_unavailable_and_transient(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer, status: int
+) -> None:
+    """5xx and 529 (overloaded) map to llm_unavailable, transient."""
+    fake.plan([f"{status}:retry_after=2"])
+    error = await expect_error(provider)
+    assert (error.code, error.transient, error.status, error.retry_after) == (
+        "llm_unavailable",
+        True,
+        status,
+        2.0,
+    )
+
+
+async def test_wrong_key_is_auth_error_not_transient(api: str, fake: FakeLLMServer) -> None:
+    """A key the server rejects (401) maps to llm_auth, not transient."""
+    provider = (
+        OpenAIProvider("sk-wrong", fake.base_url)
+        if api == "openai"
+        else AnthropicProvider("sk-wrong", fake.base_url)
+    )
+    error = await expect_error(provider)
+    await provider.aclose()
+    assert (error.code, error.transient, error.status) == ("llm_auth", False, 401)
+    assert fake.requests[0].directive == "401"
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [
+        ("403", "llm_auth"),
+        ("400", "llm_bad_request"),
+        ("404", "llm_bad_request"),
+        ("422", "llm_bad_request"),
+    ],
+)
+async def test_client_errors_are_not_transient(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer, directive: str, code: str
+) -> None:
+    """403 is an auth error, 400/404/422 bad requests; none is retried."""
+    fake.plan([directive])
+    error = await expect_error(provider)
+    assert (error.code, error.transient) == (code, False)
+
+
+async def test_connection_reset_is_unavailable(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A connection reset without an answer maps to llm_unavailable, transient."""
+    fake.plan(["reset"])
+    error = await expect_error(provider)
+    assert (error.code, error.transient) == ("llm_unavailable", True)
+
+
+async def test_connection_refused_is_unavailable(api: str) -> None:
+    """Nobody listening maps to llm_unavailable, transient."""
+    with fake_openai_server() as gone:
+        url = gone.base_url if api == "openai" else gone.anthropic_base_url
+    provider = OpenAIProvider(API_KEY, url) if api == "openai" else AnthropicProvider(API_KEY, url)
+    error = await expect_error(provider)
+    await provider.aclose()
+    assert (error.code, error.transient) == ("llm_unavailable", True)
+
+
+async def test_unparsable_body_is_invalid_output(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """An HTTP body that is not JSON maps to llm_invalid_output."""
+    fake.plan(["badbody"])
+    error = await expect_error(provider)
+    assert (error.code, error.transient) == ("llm_invalid_output", False)
+
+
+async def test_slow_server_times_out_and_connection_closes(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A server slower than timeout_s gives code timeout (transient) and sees the client leave."""
+    fake.plan(["ok:delay=60"])
+    error = await expect_error(provider, timeout_s=0.3)
+    assert (error.code, error.transient) == ("timeout", True)
+    assert await fake.async_wait_until(lambda f: f.requests[0].client_disconnected, within_s=10)
+    assert fake.requests[0].delivered is False
+    assert fake.usage_totals["calls"] == 0
+
+
+async def test_cancel_aborts_the_http_request(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Cancelling the awaiting task closes the connection before the server answers."""
+    fake.plan(["ok:delay=60"])
+    task = asyncio.create_task(provider.complete(make_request(timeout_s=120)))
+    assert await fake.async_wait_until(lambda f: len(f.requests) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.async_wait_until(lambda f: f.requests[0].client_disconnected, within_s=10)
+    assert fake.requests[0].status is None
+
+
+async def test_malformed_answer_text_is_returned_for_repair(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Non-JSON answer text comes back as text (the pipeline validates and repairs)."""
+    fake.plan(["malformed"])
+    reply = await provider.complete(make_request())
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(reply.text)
+    assert reply.completion_tokens > 0
+
+
+async def test_concurrent_calls_under_failures_account_tokens_exactly(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Under 30% 429/500/resets and concurrency, reply tokens sum to the server's totals."""
+    fake.set_behaviour(
+        failure_rate=0.3, seed=11, failures=("429:retry_after=0", "500", "reset"), delay_s=0.05
+    )
+    codes: list[str] = []
+
+    async def call_until_answered() -> LLMReply:
+        while True:
+            try:
+                return await provider.complete(make_request())
+            except LLMError as error:
+                assert error.transient, error.message
+                codes.append(error.code)
+
+    replies = await asyncio.gather(*(call_until_answered() for _ in range(24)))
+    totals = fake.usage_totals
+    assert totals["calls"] == 24
+    assert totals["prompt_tokens"] == sum(r.prompt_tokens for r in replies) > 0
+    assert totals["completion_tokens"] == sum(r.completion_tokens for r in replies) > 0
+    assert {"llm_rate_limited", "llm_unavailable"} <= set(codes)
+    assert fake.max_in_flight > 1
+
+
+# -- OpenAI specifics ------------------------------------------------------------------
+
+
+async def test_openai_request_shape() -> None:
+    """OpenAI gets system + history + user, json_schema (strict False), max_tokens, no retries."""
+    with fake_openai_server(plan=["ok", "500"]) as fake:
+        provider = OpenAIProvider(API_KEY, fake.base_url)
+        request = make_request(history=(("user", "first"), ("assistant", "{bad")), max_tokens=321)
+        await provider.complete(request)
+        with pytest.raises(LLMError):
+            await provider.complete(request)
+        await provider.aclose()
+    body = fake.requests[0].body
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("system", "You are an analyst."),
+        ("user", "first"),
+        ("assistant", "{bad"),
+        ("user", "Size the market."),
+    ]
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "section_market", "schema": SECTION_SCHEMA, "strict": False},
+    }
+    assert body["max_tokens"] == 321 and "max_completion_tokens" not in body
+    assert fake.requests[0].headers["authorization"] == f"Bearer {API_KEY}"
+    assert len(fake.requests) == 2, "the SDK must not retry the 500 by itself"
+
+
+async def test_openai_json_object_mode_for_compatible_servers() -> None:
+    """json_object mode sends response_format json_object and the schema in the system message."""
+    with fake_openai_server() as fake:
+        provider = OpenAIProvider(None, fake.base_url, json_mode="json_object")
+        reply = await provider.complete(make_request())
+        await provider.aclose()
+    body = fake.requests[0].body
+    assert body["response_format"] == {"type": "json_object"}
+    assert json.dumps(SECTION_SCHEMA) in body["messages"][0]["content"]
+    jsonschema.validate(json.loads(reply.text), SECTION_SCHEMA)
+    assert fake.requests[0].path == "/v1/chat/completions"
+
+
+async def test_openai_official_endpoint_uses_max_completion_tokens() -> None:
+    """Without a base_url (the official API) the budget goes as max_completion_tokens."""
+    from openai import AsyncOpenAI
+
+    with fake_openai_server() as fake:
+        client = AsyncOpenAI(api_key=API_KEY, base_url=fake.base_url, max_retries=0)
+        provider = OpenAIProvider(API_KEY, client=client)
+        await provider.complete(make_request(max_tokens=99))
+        await provider.aclose()
+    body = fake.requests[0].body
+    assert body["max_completion_tokens"] == 99 and "max_tokens" not in body
+
+
+def test_openai_rejects_unknown_json_mode() -> None:
+    """A json_mode other than json_schema/json_object is refused, naming the variable."""
+    with pytest.raises(ValueError, match="OPENAI_JSON_MODE"):
+        OpenAIProvider(API_KEY, json_mode="grammar")
+
+
+# -- Anthropic specifics ------------------------------------------------------------------
+
+
+async def test_anthropic_forced_tool_call_becomes_json_text() -> None:
+    """Anthropic gets one forced tool with the schema; its tool_use input comes back as JSON."""
+    with fake_anthropic_server(api_key=API_KEY, usage=(11, 22)) as fake:
+        provider = AnthropicProvider(API_KEY, fake.base_url)
+        reply = await provider.complete(
+            make_request(history=(("user", "first"), ("assistant", "{bad")))
+        )
+        await provider.aclose()
+    body = fake.requests[0].body
+    assert body["tools"] == [
+        {
+            "name": "section_market",
+            "description": "Record the market result.",
+            "input_schema": SECTION_SCHEMA,
+        }
+    ]
+    assert body["tool_choice"] == {"type": "tool", "name": "section_market"}
+    assert body["system"] == "You are an analyst."
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("user", "first"),
+        ("assistant", "{bad"),
+        ("user", "Size the market."),
+    ]
+    assert presented_key("anthropic", fake.requests[0].headers) == API_KEY
+    assert json.loads(reply.text) == schema_example(SECTION_SCHEMA)
+    assert reply == LLMReply(reply.text, "test-model", 11, 22)
+
+
+async def test_anthropic_history_is_made_alternating() -> None:
+    """A history starting with the assistant, or with repeated roles, still alternates from user."""
+    with fake_anthropic_server() as fake:
+        provider = AnthropicProvider(API_KEY, fake.base_url)
+        await provider.complete(make_request(history=(("assistant", "{bad"), ("user", "fix it"))))
+        await provider.aclose()
+    roles = [(m["role"], m["content"]) for m in fake.requests[0].body["messages"]]
+    assert roles == [
+        ("user", "(continue)"),
+        ("assistant", "{bad"),
+        ("user", "fix it\n\nSize the market."),
+    ]
+
+
+# -- error helpers and the fake itself ---------------------------------------------------------
+
+
+def test_parse_retry_after_forms() -> None:
+    """Retry-After is read from ms, seconds or an HTTP date; garbage and the past give None/0."""
+    now = 1_700_000_000.0
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert parse_retry_after({"retry-after": "2.5"}) == 2.5
+    assert parse_retry_after({"retry-after": date}, now=now) == 30.0
+    assert parse_retry_after({"retry-after": email.utils.formatdate(now - 5)}, now=now) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+    assert parse_retry_after({"retry-after": "999999"}) == 3600.0
+
+
+class _Source(BaseModel):
+    title: str = Field(min_length=5)
+    year: int = Field(ge=1990, le=2030)
+    url: str | None = None
+    reliability_score: float = Field(ge=0, le=1)
+    key_findings: list[str] = Field(min_length=2, max_length=5)
+
+
+class _Evidence(BaseModel):
+    region: str
+    sources: list[_Source] = Field(min_length=1)
+    data: dict[str, float] = {}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        SECTION_SCHEMA,
+        _Evidence.model_json_schema(),
+        {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer", "exclusiveMinimum": 0, "multipleOf": 5},
+                "when": {"type": "string", "format": "date"},
+                "tags": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "uniqueItems": True,
+                    "minItems": 3,
+                },
+            },
+            "required": ["n", "when", "tags"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "x": {"anyOf": [{"type": "null"}, {"type": "number", "maximum": -3}]},
+                "c": {"const": "fixed"},
+            },
+        },
+    ],
+)
+def test_schema_example_is_valid_and_broken_example_is_not(schema: dict[str, Any]) -> None:
+    """The fake's generated answer validates against the schema; the 'invalid' one does not."""
+    jsonschema.validate(schema_example(schema), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken_example(schema), schema)
+
+
+@pytest.mark.parametrize("step", LLM_STEPS)
+def test_fake_answers_every_pipeline_step_validly(step: str) -> None:
+    """The fake's 'ok' answer passes the pipeline's own validation for every LLM step."""
+    schema = json_schema(step)
+    assert parse_output(step, json.dumps(schema_example(schema)))
+    with pytest.raises(InvalidOutput):
+        parse_output(step, json.dumps(broken_example(schema)))
+
+
+def test_failure_rate_is_seeded_and_plan_comes_first() -> None:
+    """The same seed gives the same failure sequence; planned directives are used first."""
+
+    def outcomes(seed: int) -> list[str]:
+        server = FakeLLMServer(failure_rate=0.5, seed=seed, plan=["401"])
+        try:
+            return [server._begin("openai", "/", {}, {})[0].directive for _ in range(40)]
+        finally:
+            server._httpd.server_close()
+
+    first = outcomes(3)
+    assert first == outcomes(3)
+    assert first[0] == "401"
+    assert {"ok", "429:retry_after=0.05", "500"} <= set(first[1:])
+    assert outcomes(4) != first
+
+
+# -- in-memory rate limiter ---------------------------------------------------------------------
+
+
+class FakeClock:
+    """Time that moves only when the limiter sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_rate_limiter_requests_beyond_rpm_wait() -> None:
+    """With rpm=2 the third request waits half a minute (the refill of one request)."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(rpm=2, clock=clock, sleep=clock.sleep)
+    for _ in range(2):
+        await limiter.acquire("m", 10)
+    assert clock.sleeps == []
+    await limiter.acquire("m", 10)
+    assert clock.sleeps == [pytest.approx(30.0)]
+
+
+async def test_rate_limiter_tokens_per_minute_and_models_apart() -> None:
+    """tpm limits tokens per model; another model has its own budget; 0 means unlimited."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(tpm=600, per_model={"free": (0, 0)}, clock=clock, sleep=clock.sleep)
+    await limiter.acquire("a", 500)
+    await limiter.acquire("b", 600)
+    for _ in range(100):
+        await limiter.acquire("free", 10_000)
+    assert clock.sleeps == []
+    await limiter.acquire("a", 400)  # 100 left, 300 missing at 10 tokens/s
+    assert sum(clock.sleeps) == pytest.approx(30.0)
+
+
+async def test_rate_limiter_oversized_request_does_not_wait_forever() -> None:
+    """A request above the whole minute's token budget is charged the budget, not refused."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(tpm=100, clock=clock, sleep=clock.sleep)
+    await limiter.acquire("m", 5_000)
+    await limiter.acquire("m", 5_000)
+    assert sum(clock.sleeps) == pytest.approx(60.0)
+
+
+async def test_rate_limiter_concurrent_waiters_are_spaced() -> None:
+    """Concurrent acquirers beyond the budget are let through one refill apart."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(rpm=60, clock=clock, sleep=clock.sleep)
+    released: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire("m", 1)
+        released.append(clock.now)
+
+    await asyncio.gather(*(one() for _ in range(63)))
+    assert released[:60] == [1000.0] * 60
+    assert released[60:] == [pytest.approx(1001.0), pytest.approx(1002.0), pytest.approx(1003.0)]

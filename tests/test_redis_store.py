@@ -1,0 +1,296 @@
+"""RedisStore semantics on a real Redis, beyond the shared store contract."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from adapters.constants import CANCELLED, COMPLETED, QUEUED, RUNNING
+from adapters.ports import Artifact, Job, StoreUnavailable
+from adapters.redis_store import RedisStore
+from tests.support.redis_server import (
+    RedisServer,
+    free_port,
+    redis_url,
+    start_redis,
+    stop_redis,
+    unique_prefix,
+)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisStore]:
+    made = RedisStore(redis_url(), prefix=unique_prefix(), ttl_s=3600)
+    await made.open()
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = start_redis(persistent=False)
+    yield server
+    stop_redis(server)
+
+
+def _job(tenant: str = "t1", key: str | None = None) -> Job:
+    return Job(id=uuid.uuid4().hex, tenant=tenant, request={"pitch": "p"}, idempotency_key=key)
+
+
+def _artifact(name: str) -> Artifact:
+    return Artifact(
+        name=name, type="section", data={"bullets": []}, hash="0" * 64, timestamp=1, size=2
+    )
+
+
+async def test_updates_of_different_fields_do_not_lose_each_other(store: RedisStore) -> None:
+    """Racing updates of different fields (same status) both land: the merge is atomic."""
+    job, _ = await store.create(_job())
+    await asyncio.gather(
+        *(store.update(job.id, expect={QUEUED}, progress={"n": n}) for n in range(10)),
+        store.update(job.id, expect={QUEUED}, steps={"input": "completed"}),
+        store.update(job.id, expect={QUEUED}, attempts=2),
+    )
+    got = await store.get(job.id)
+    assert got is not None
+    assert got.steps == {"input": "completed"} and got.attempts == 2 and "n" in got.progress
+
+
+async def test_empty_lists_and_nested_values_survive_an_update(store: RedisStore) -> None:
+    """JSON values (empty lists, nested dicts, None) read back exactly after a CAS update."""
+    job, _ = await store.create(_job())
+    result = {"success": True, "data": {"bullets": [], "nested": {"x": [1, {}]}}, "meta": None}
+    updated = await store.update(job.id, expect={QUEUED}, status=COMPLETED, result=result)
+    assert updated is not None and updated.result == result
+    again = await store.get(job.id)
+    assert again is not None and again.result == result and again.status == COMPLETED
+
+
+async def test_exactly_one_of_many_racing_transitions_wins(store: RedisStore) -> None:
+    """Twenty concurrent queued->X transitions from two clients: exactly one succeeds."""
+    other = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    job, _ = await store.create(_job())
+    results = await asyncio.gather(
+        *(
+            (store if n % 2 else other).update(job.id, expect={QUEUED}, status=RUNNING, attempts=n)
+            for n in range(20)
+        )
+    )
+    await other.close()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    got = await store.get(job.id)
+    assert got is not None and got.attempts == winners[0].attempts
+
+
+async def test_idempotency_key_lives_24h_and_is_per_tenant(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """The idempotency key is stored with a 24 h expiry; a deleted first job frees it."""
+    first, created = await store.create(_job("a", "key-1"))
+    again, created_again = await store.create(_job("a", "key-1"))
+    assert created and not created_again and again.id == first.id
+    keys = [k async for k in raw.scan_iter(match=f"{store.prefix}:idem:*")]
+    assert len(keys) == 1
+    assert 23 * 3600 < await raw.ttl(keys[0]) <= 24 * 3600
+    await store.delete(first.id)
+    fresh, fresh_created = await store.create(_job("a", "key-1"))
+    assert fresh_created and fresh.id != first.id
+
+
+async def test_event_ids_are_consecutive_across_clients_and_match_stream_ids(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """Appends from two clients get ids 1..n, stored as stream entry ids '<n>-0'."""
+    other = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    job, _ = await store.create(_job())
+    await asyncio.gather(
+        *((store if n % 2 else other).append_event(job.id, "status", {"n": n}) for n in range(30))
+    )
+    await other.close()
+    events = await store.read_events(job.id)
+    assert [e.id for e in events] == list(range(1, 31))
+    entries: list[tuple[bytes, object]] = await raw.xrange(f"{store.prefix}:events:{job.id}")  # type: ignore[assignment]  # redis-py's union return type
+    assert [entry_id.decode() for entry_id, _ in entries] == [f"{n}-0" for n in range(1, 31)]
+
+
+async def test_blocking_read_is_a_server_side_block_woken_by_another_client(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """A waiting reader is parked in XREAD BLOCK on Redis and wakes on another client's append."""
+    writer = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    job, _ = await store.create(_job())
+    await store.append_event(job.id, "status", {"n": 1})
+    reader = asyncio.create_task(store.read_events(job.id, after=1, wait_s=10))
+    blocked: list[dict[str, str]] = []
+    for _ in range(200):
+        blocked = [
+            line
+            for line in (await raw.client_list())
+            if line["cmd"] == "xread" and "b" in line["flags"]
+        ]
+        if blocked:
+            break
+        await asyncio.sleep(0.01)
+    assert blocked, "the reader should be blocked inside Redis, not polling"
+    await writer.append_event(job.id, "done", {"status": "completed"})
+    events = await asyncio.wait_for(reader, 10)
+    await writer.close()
+    assert [(e.id, e.type, e.data) for e in events] == [(2, "done", {"status": "completed"})]
+
+
+async def test_read_with_nothing_new_returns_empty_after_the_wait(store: RedisStore) -> None:
+    """Reading past the last event with a short wait returns an empty list, not an error."""
+    job, _ = await store.create(_job())
+    await store.append_event(job.id, "status", {})
+    assert await store.read_events(job.id, after=1, wait_s=0.05) == []
+    assert await store.read_events(job.id, after=1) == []
+
+
+async def test_list_filters_by_status_and_pages_all_tenants(store: RedisStore) -> None:
+    """Listing by status and across tenants pages newest first with no gap or repeat."""
+    ids = []
+    for n in range(7):
+        job = _job(tenant=f"tenant{n % 2}")
+        job.created_at += n
+        ids.append((await store.create(job))[0].id)
+    for job_id in ids[::2]:
+        await store.update(job_id, status=RUNNING)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = await store.list_jobs(None, status=RUNNING, limit=2, cursor=cursor)
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert seen == ids[::2][::-1]
+    tenant0, _ = await store.list_jobs("tenant0", status=QUEUED, limit=50)
+    assert [j.id for j in tenant0] == []
+    tenant1, _ = await store.list_jobs("tenant1", status=QUEUED, limit=50)
+    assert [j.id for j in tenant1] == [ids[5], ids[3], ids[1]]
+
+
+async def test_equal_timestamps_page_without_gaps(store: RedisStore) -> None:
+    """Jobs created at the same instant are still paged completely by the cursor."""
+    stamp = 1_700_000_000.5
+    made = set()
+    for _ in range(5):
+        job = _job("same")
+        job.created_at = stamp
+        made.add((await store.create(job))[0].id)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page, cursor = await store.list_jobs("same", limit=2, cursor=cursor)
+        seen += [j.id for j in page]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(made) and len(seen) == 5
+
+
+async def test_every_key_of_a_job_expires_and_updates_refresh_it(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """Job, artifacts, events, trace, cancel flag and cache carry the TTL; an update renews it."""
+    job, _ = await store.create(_job())
+    await store.put_artifact(job.id, _artifact("pitch"))
+    await store.append_event(job.id, "status", {})
+    await store.add_trace(job.id, {"step": "brief"})
+    await store.request_cancel(job.id)
+    await store.cache_put("k1", _artifact("brief"))
+    keys = [k async for k in raw.scan_iter(match=f"{store.prefix}:*")]
+    per_job = [k for k in keys if b":index:" not in k]
+    assert len(per_job) >= 7
+    for key in per_job:
+        assert 0 < await raw.ttl(key) <= 3600, key
+    await raw.expire(f"{store.prefix}:artifacts:{job.id}", 10)
+    await store.update(job.id, status=RUNNING)
+    assert await raw.ttl(f"{store.prefix}:artifacts:{job.id}") > 3000
+
+
+async def test_counts_follow_transitions_and_drop_expired_jobs(raw: aioredis.Redis) -> None:
+    """Status counts track CAS transitions, and jobs that expired stop being counted and listed."""
+    store = RedisStore(redis_url(), prefix=unique_prefix(), ttl_s=1)
+    first, _ = await store.create(_job())
+    second, _ = await store.create(_job())
+    await store.update(first.id, expect={QUEUED}, status=RUNNING)
+    await store.update(second.id, expect={QUEUED}, status=CANCELLED)
+    counts = await store.count_by_status()
+    assert (counts[QUEUED], counts[RUNNING], counts[CANCELLED]) == (0, 1, 1)
+    await raw.pexpire(f"{store.prefix}:job:{first.id}", 1)
+    await raw.pexpire(f"{store.prefix}:job:{second.id}", 1)
+    await asyncio.sleep(1.1)  # expired, and old enough (> TTL) to be pruned from the indexes
+    assert sum((await store.count_by_status()).values()) == 0
+    assert (await store.list_jobs("t1"))[0] == []
+    assert await raw.zcard(f"{store.prefix}:index:all") == 0
+    await store.close()
+
+
+async def test_ping_fails_fast_where_nothing_listens() -> None:
+    """ping raises StoreUnavailable within 1 s when no Redis listens on the port."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
+    async with asyncio.timeout(1.0):
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.get("any")
+    await store.close()
+
+
+def _pause(server: RedisServer, millis: int) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"CLIENT PAUSE {millis} ALL\r\n".encode())
+        assert sock.recv(16).startswith(b"+OK")
+
+
+async def _until_ping_ok(store: RedisStore, limit_s: float = 15.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while True:
+            try:
+                await store.ping()
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+
+
+async def test_ping_fails_fast_on_a_hung_redis_and_recovers(own_redis: RedisServer) -> None:
+    """A paused Redis makes ping raise within 1 s; when it resumes, the same store answers again."""
+    store = RedisStore(own_redis.url, prefix=unique_prefix())
+    await store.ping()
+    _pause(own_redis, 1500)
+    async with asyncio.timeout(1.0):
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    await _until_ping_ok(store)
+    job, _ = await store.create(_job())
+    assert await store.get(job.id) is not None
+    await store.close()
+
+
+async def test_store_recovers_after_redis_restarts(own_redis: RedisServer) -> None:
+    """With Redis down ping and reads raise StoreUnavailable; after a restart they work again."""
+    store = RedisStore(own_redis.url, prefix=unique_prefix())
+    job, _ = await store.create(_job())
+    own_redis.stop()
+    async with asyncio.timeout(1.0):
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.get(job.id)
+    own_redis.resume()
+    await _until_ping_ok(store)
+    await store.create(_job())
+    assert (await store.count_by_status())[QUEUED] >= 1
+    await store.close()
