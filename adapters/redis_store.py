@@ -184,8 +184,7 @@ return n
 
 def _encode_job(job: Job) -> dict[str, str]:
     return {
-        name: value if name in _RAW_FIELDS else json.dumps(value)
-        for name, value in job.to_dict().items()
+        name: value if name in _RAW_FIELDS else json.dumps(value) for name, value in job.to_dict().items()
     }
 
 
@@ -327,9 +326,7 @@ class RedisStore(JobStore):
         for name, value in fields.items():
             args += [name, value]
         with self._unavailable():
-            existing = await self._create_script(
-                keys=[self._key(JOB_KEY, job.id), idem_key], args=args
-            )
+            existing = await self._create_script(keys=[self._key(JOB_KEY, job.id), idem_key], args=args)
             if existing:
                 found = await self._get(_text(existing))
                 if found is not None:
@@ -343,9 +340,7 @@ class RedisStore(JobStore):
             raw = await self._redis.hgetall(self._key(JOB_KEY, job_id))
         return _decode_job(cast(dict[bytes, bytes], raw))
 
-    async def _update(
-        self, job_id: str, expect: frozenset[str] | None, changes: JSON
-    ) -> Job | None:
+    async def _update(self, job_id: str, expect: frozenset[str] | None, changes: JSON) -> Job | None:
         args: list[str | int] = [self.prefix, job_id, self.ttl_s]
         if expect is None:
             args.append(-1)
@@ -360,14 +355,10 @@ class RedisStore(JobStore):
     async def _delete(self, job_id: str) -> None:
         job = await self._get(job_id)
         idem_key = (
-            self._idem_key(job.tenant, job.idempotency_key)
-            if job is not None and job.idempotency_key
-            else ""
+            self._idem_key(job.tenant, job.idempotency_key) if job is not None and job.idempotency_key else ""
         )
         with self._unavailable():
-            await self._delete_script(
-                keys=[*self._job_keys(job_id), idem_key], args=[self.prefix, job_id]
-            )
+            await self._delete_script(keys=[*self._job_keys(job_id), idem_key], args=[self.prefix, job_id])
 
     async def _prune(self) -> None:
         """Drop index entries of jobs that expired (only entries older than the TTL can)."""
@@ -391,8 +382,14 @@ class RedisStore(JobStore):
             top: float | str = after[0] if after else "+inf"
             with self._unavailable():
                 rows = await self._redis.zrange(
-                    index, top, "-inf", desc=True, byscore=True,
-                    offset=offset, num=batch, withscores=True,
+                    index,
+                    top,
+                    "-inf",
+                    desc=True,
+                    byscore=True,
+                    offset=offset,
+                    num=batch,
+                    withscores=True,
                 )
             if not rows:
                 break
@@ -441,9 +438,7 @@ class RedisStore(JobStore):
         rows: list[tuple[float, str]] = []
         with self._unavailable():
             for status in sorted(ACTIVE_STATUSES):
-                members = await self._redis.zrange(
-                    self._index(None, status), 0, -1, withscores=True
-                )
+                members = await self._redis.zrange(self._index(None, status), 0, -1, withscores=True)
                 rows += [(score, job_id) for job_id, score in _members(members)]
         return [job_id for _, job_id in sorted(rows)]
 
@@ -482,9 +477,7 @@ class RedisStore(JobStore):
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
         with self._unavailable():
-            await self._redis.set(
-                self._key(CACHE_KEY, key), json.dumps(artifact.to_dict()), ex=self.ttl_s
-            )
+            await self._redis.set(self._key(CACHE_KEY, key), json.dumps(artifact.to_dict()), ex=self.ttl_s)
 
     # -- events and trace ---------------------------------------------------
 
@@ -502,9 +495,7 @@ class RedisStore(JobStore):
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 number = int(_text(entry_id).split("-", 1)[0])
-                events.append(
-                    Event(number, fields[b"type"].decode(), json.loads(fields[b"data"]))
-                )
+                events.append(Event(number, fields[b"type"].decode(), json.loads(fields[b"data"])))
         return events
 
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:

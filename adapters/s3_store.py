@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -77,7 +78,10 @@ EVENT_POLL_S = 0.25
 MAX_INDEX_SCAN = 1000
 """At most this many index keys are read per ``list_jobs`` call (status filters)."""
 INVERT_MS = 10**13
+LAST_EVENT_HINTS = 10_000
 STATUS_MARKERS = "status"
+CURSOR_RE = re.compile(r"\d{13}_[A-Za-z0-9%._~-]{1,300}")
+"""An index entry name: inverted creation ms, ``_``, the quoted job id."""
 
 
 def _code(exc: ClientError) -> str:
@@ -368,6 +372,8 @@ class S3Store(JobStore):
         base = self._key(INDEX_KEY, "all", "") if tenant is None else self._key(
             INDEX_KEY, "t", quote(tenant, safe=""), ""
         )
+        if cursor and not CURSOR_RE.fullmatch(cursor):
+            raise ValueError("not a cursor this store issued")
         start = base + cursor if cursor else None
         jobs: list[Job] = []
         jobs_cursor = ""
@@ -462,6 +468,8 @@ class S3Store(JobStore):
                     raise
                 event_id += 1
                 continue
+            if len(self._last_event) > LAST_EVENT_HINTS:
+                self._last_event.clear()  # only a hint: a miss costs one LIST
             self._last_event[job_id] = max(event_id, self._last_event.get(job_id, 0))
             return Event(event_id, type, data)
         raise Conflict(f"could not claim an event id for job {job_id}")

@@ -24,15 +24,19 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from saq.job import Job as SaqJob
+from saq.job import Status
 from saq.queue.redis import RedisQueue
 
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.ports import JSON, Queue, StoreUnavailable
+
+log = structlog.get_logger("jobq.queue")
 
 PING_BUDGET_S = 0.8
 RUN_JOB_FUNCTION = "run_job"
@@ -60,22 +64,46 @@ def queue_name(prefix: str) -> str:
     return SAQ_QUEUE_NAME if prefix == KEY_PREFIX else f"{SAQ_QUEUE_NAME}-{prefix}"
 
 
+_SWEEP_LIST = """
+local id_jobs = {}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('SETEX', KEYS[1], ARGV[1], 1)
+    for i, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+        id_jobs[i] = {v, redis.call('GET', v)}
+    end
+end
+return id_jobs
+"""
+"""SAQ's own sweep listing: every job in the active list, once per lock period."""
+
+
 class JobqRedisQueue(RedisQueue):
-    """SAQ's Redis queue with two additions for a clean shutdown and quick tests.
+    """SAQ's Redis queue with three changes, for a clean shutdown and no double runs.
 
     - ``should_stop``: once it returns true (the worker got SIGTERM), a job that a
       blocked ``dequeue`` still receives is pushed back to the head of the queue
       untouched, so a stopping worker takes no new work.
+    - ``sweep``: SAQ re-queues every job in the active list whose status is not
+      ``active``. But a job that ``BLMOVE`` just moved there stays ``queued`` for a
+      moment until its worker marks it active; a sweep in that instant re-queues a
+      job that is about to run, and it then runs twice at once. Here such a job is
+      looked at again after ``settle_s`` and swept only if it is still not active.
     - ``sweep_abort_wait_s``: how long a sweep waits for a stuck job's worker to
       acknowledge the abort before re-queueing it (SAQ's fixed 5 s otherwise).
     """
 
     def __init__(
-        self, redis: aioredis.Redis, name: str, sweep_abort_wait_s: float = 5.0
+        self,
+        redis: aioredis.Redis,
+        name: str,
+        sweep_abort_wait_s: float = 5.0,
+        settle_s: float = 1.0,
     ) -> None:
         super().__init__(redis, name=name)
         self.sweep_abort_wait_s = sweep_abort_wait_s
+        self.settle_s = settle_s
         self.should_stop: Callable[[], bool] = lambda: False
+        self._sweep_list = redis.register_script(_SWEEP_LIST)
 
     async def dequeue(
         self,
@@ -94,7 +122,48 @@ class JobqRedisQueue(RedisQueue):
         return job
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
-        return await super().sweep(lock, abort=self.sweep_abort_wait_s)
+        listed = await self._sweep_list(keys=[self._sweep, self._active], args=[lock])
+        stale: list[SaqJob] = []
+        unsettled: list[str] = []
+        missing: list[str] = []
+        for raw_id, job_bytes in listed:
+            job_id = raw_id.decode()
+            job = self.deserialize(job_bytes)
+            if job is None:
+                missing.append(job_id)
+            elif job.stuck:
+                stale.append(job)
+            elif job.status != Status.ACTIVE:
+                unsettled.append(job_id)
+        if unsettled:
+            await asyncio.sleep(self.settle_s)
+            for job_id in unsettled:
+                job = await self._get_job_by_id(job_id)
+                in_active = await self.redis.lpos(self._active, job_id) is not None
+                if job is None:
+                    missing.append(job_id)
+                elif in_active and (job.status != Status.ACTIVE or job.stuck):
+                    stale.append(job)
+        for job_id in missing:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lrem(self._active, 0, job_id)
+                pipe.zrem(self._incomplete, job_id)
+                await pipe.execute()
+            log.info("saq_swept_missing_job", saq_id=job_id)
+        for job in stale:
+            await self._sweep_one(job)
+        return [job.id for job in stale] + missing
+
+    async def _sweep_one(self, job: SaqJob) -> None:
+        """SAQ's handling of a stuck job: abort it, give its worker a moment, retry."""
+        log.info("saq_sweeping_job", job_id=job.key, status=job.status.value, attempts=job.attempts)
+        await self.abort(job, error=self.swept_error_message)
+        with contextlib.suppress(TimeoutError):
+            await job.refresh(self.sweep_abort_wait_s)
+        if job.retryable:
+            await self.retry(job, error=self.swept_error_message)
+        else:
+            await self.finish(job, Status.ABORTED, error=self.swept_error_message)
 
 
 class SaqQueue(Queue):

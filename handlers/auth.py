@@ -11,6 +11,7 @@ import hmac
 import math
 import time
 from collections import deque
+from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
@@ -19,7 +20,7 @@ from adapters.constants import DEFAULT_TENANT
 from handlers.settings import Settings
 
 
-def _presented_key(connection: ASGIConnection) -> str | None:  # type: ignore[type-arg]
+def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     auth = connection.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -32,7 +33,7 @@ def _presented_key(connection: ASGIConnection) -> str | None:  # type: ignore[ty
     return None
 
 
-def resolve_tenant(connection: ASGIConnection, settings: Settings) -> str:  # type: ignore[type-arg]
+def resolve_tenant(connection: ASGIConnection[Any, Any, Any, Any], settings: Settings) -> str:
     """The caller's tenant; raises 401 when keys are configured and none matches."""
     if not settings.auth_required:
         return DEFAULT_TENANT
@@ -41,9 +42,7 @@ def resolve_tenant(connection: ASGIConnection, settings: Settings) -> str:  # ty
         for key, tenant in settings.api_keys.items():
             if hmac.compare_digest(key.encode(), presented.encode()):
                 return tenant
-    raise NotAuthorizedException(
-        "a valid API key is required (Authorization: Bearer <key> or X-API-Key)"
-    )
+    raise NotAuthorizedException("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
 
 
 def read_scope(settings: Settings, tenant: str) -> str | None:

@@ -212,13 +212,16 @@ async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | N
     crashed: str | None = None
     job: Job | None = None
     outer = None if limit_at is None else max(0.0, limit_at - time.time()) + DEADLINE_MARGIN_S / 2
+    guard = asyncio.timeout(outer)
     try:
-        async with asyncio.timeout(outer):
+        async with guard:
             job = await run_job(job_id, container.deps, run_cls=_clamped_run(limit_at))
-    except TimeoutError:
-        crashed = "the run outlived its invocation's time limit"
-        job = await _end_failed(container, job_id, "timeout", crashed)
     except Exception as exc:
+        if isinstance(exc, TimeoutError) and guard.expired():
+            # Safety net only: the clamped deadline normally ends the job first.
+            crashed = "the run outlived its invocation's time limit"
+            job = await _end_failed(container, job_id, "timeout", crashed)
+            return job is not None and not job.active
         crashed = f"{type(exc).__name__}: {exc}"
         bound.exception("delivery_crashed")
         with contextlib.suppress(Exception):

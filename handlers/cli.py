@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -22,9 +20,7 @@ app = typer.Typer(help="Async job system for long LLM pipelines.", no_args_is_he
 console = Console()
 err = Console(stderr=True)
 
-UrlOpt = Annotated[
-    str, typer.Option("--url", envvar="JOBQ_URL", help="Base URL of a running server.")
-]
+UrlOpt = Annotated[str, typer.Option("--url", envvar="JOBQ_URL", help="Base URL of a running server.")]
 KeyOpt = Annotated[
     str | None,
     typer.Option("--api-key", envvar="JOBQ_API_KEY", help="API key, when the server requires one."),
@@ -88,16 +84,13 @@ def worker() -> None:
             2,
         )
     if settings.backend == "redis":
-        from handlers.saq_worker import run_worker as run
+        from handlers.saq_worker import run_worker
+
+        run_worker(settings)
     else:
-        from handlers.aws import run_sqs_worker as run
-    outcome = run(settings)
-    if inspect.isawaitable(outcome):
-        asyncio.run(_await(outcome))
+        from handlers.aws import run_sqs_worker
 
-
-async def _await(awaitable: Any) -> None:
-    await awaitable
+        run_sqs_worker(settings)
 
 
 def _client(url: str, api_key: str | None, timeout: float | None = 30.0) -> httpx.Client:
@@ -132,17 +125,11 @@ def submit(
     language: Annotated[str, typer.Option(help="de or en.")] = "de",
     target: Annotated[str | None, typer.Option(help="Target investors.")] = None,
     geo: Annotated[str | None, typer.Option(help="Region.")] = None,
-    parallel_limit: Annotated[
-        int | None, typer.Option(help="Max concurrent LLM calls (1-16).")
-    ] = None,
+    parallel_limit: Annotated[int | None, typer.Option(help="Max concurrent LLM calls (1-16).")] = None,
     timeout_ms: Annotated[int | None, typer.Option(help="Deadline of the whole job.")] = None,
-    skip_cache: Annotated[
-        bool, typer.Option("--skip-cache", help="Do not read the step cache.")
-    ] = False,
+    skip_cache: Annotated[bool, typer.Option("--skip-cache", help="Do not read the step cache.")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
-    follow: Annotated[
-        bool, typer.Option("--follow/--no-follow", help="Follow the job's progress.")
-    ] = True,
+    follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's progress.")] = True,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
 ) -> None:
@@ -150,9 +137,7 @@ def submit(
     if (pitch is None) == (pitch_file is None):
         _fail("jobq: give exactly one of --pitch or --pitch-file", 2)
     if pitch_file is not None:
-        pitch = (
-            sys.stdin.read() if str(pitch_file) == "-" else pitch_file.read_text(encoding="utf-8")
-        )
+        pitch = sys.stdin.read() if str(pitch_file) == "-" else pitch_file.read_text(encoding="utf-8")
     body: dict[str, Any] = {"project_title": title, "elevator_pitch": pitch, "language": language}
     optional = {
         "target": target,
@@ -172,6 +157,7 @@ def submit(
             console.print(f"follow it: jobq status {job_id} --url {url}")
             return
     status = follow_job(url, api_key, job_id)
+    console.print(f"the dossier: jobq artifacts {job_id} dossier --url {url}")
     raise typer.Exit(0 if status == "completed" else 1)
 
 
@@ -196,9 +182,7 @@ def follow_job(url: str, api_key: str | None, job_id: str) -> str:
         for _attempt in range(100):
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
-                with connect_sse(
-                    client, "GET", f"/api/jobs/{job_id}/stream", headers=headers
-                ) as source:
+                with connect_sse(client, "GET", f"/api/jobs/{job_id}/stream", headers=headers) as source:
                     if source.response.status_code >= 400:
                         source.response.read()
                         code = source.response.status_code
@@ -230,11 +214,24 @@ def _show(progress: Progress, task: Any, kind: str, data: dict[str, Any]) -> Non
             f"  [green]✓[/green] {data.get('name')} ({data.get('type')}, {data.get('size')} B)"
         )
     elif kind == "result":
-        meta = (data.get("data") or {}).get("meta") or data.get("meta") or {}
-        progress.console.print(f"[bold green]completed[/bold green] {json.dumps(meta)[:300]}")
+        progress.console.print(f"[bold green]completed[/bold green] {_summary(data)}")
     elif kind == "error":
         code, step = data.get("code"), data.get("step")
         progress.console.print(f"[bold red]{code}[/bold red] {data.get('message')} (step {step})")
+
+
+def _summary(result: dict[str, Any]) -> str:
+    """One line from the ``result`` event: verdict, score and what it cost."""
+    data = result.get("data") or {}
+    meta = result.get("meta") or {}
+    score = data.get("investor_score") or {}
+    parts = []
+    if score.get("verdict"):
+        parts.append(f"verdict {score['verdict']} (score {score.get('score_total')})")
+    parts.append(f"{meta.get('llm_calls', '?')} LLM calls, {meta.get('cache_hits', 0)} cached")
+    if "duration_ms" in meta:
+        parts.append(f"{meta['duration_ms'] / 1000:.1f} s")
+    return " · ".join(parts)
 
 
 @app.command()

@@ -58,6 +58,8 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # asyncio warns for every write to a socket a streaming client already closed.
+    logging.getLogger("asyncio").setLevel(max(numeric, logging.ERROR))
     # botocore logs every request at debug; keep it quiet unless asked for warnings.
     for noisy in ("botocore", "boto3", "urllib3", "aiobotocore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

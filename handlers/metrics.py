@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -33,12 +34,8 @@ class Metrics:
             ("endpoint",),
             registry=self.registry,
         )
-        self.jobs = Gauge(
-            "jobq_jobs", "Jobs in the store by status.", ("status",), registry=self.registry
-        )
-        self.workers = Gauge(
-            "jobq_workers", "Live workers seen by the queue.", registry=self.registry
-        )
+        self.jobs = Gauge("jobq_jobs", "Jobs in the store by status.", ("status",), registry=self.registry)
+        self.workers = Gauge("jobq_workers", "Live workers seen by the queue.", registry=self.registry)
 
     def render(self, counts: dict[str, int], workers: int | None) -> bytes:
         for status in STATUSES:
@@ -51,24 +48,23 @@ class Metrics:
         """Count requests and time them until the response head is sent."""
 
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http":
+            if scope["type"] != ScopeType.HTTP:
                 await app(scope, receive, send)
                 return
+            method = scope["method"]
             start = time.perf_counter()
             status: dict[str, Any] = {"code": 500}
 
             async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
-                    self.latency.labels(scope["method"], _route(scope)).observe(
-                        time.perf_counter() - start
-                    )
+                    self.latency.labels(method, _route(scope)).observe(time.perf_counter() - start)
                 await send(message)
 
             try:
                 await app(scope, receive, send_wrapper)
             finally:
-                self.requests.labels(scope["method"], _route(scope), str(status["code"])).inc()
+                self.requests.labels(method, _route(scope), str(status["code"])).inc()
 
         return wrapped
 

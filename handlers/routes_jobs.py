@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from adapters.constants import STATUSES, TERMINAL_STATUSES
@@ -41,18 +41,16 @@ async def create_job(request: Request[Any, Any, Any]) -> Response[JSONDict]:
 @get("/api/jobs", summary="List the caller's recent jobs", tags=["jobs"])
 async def list_jobs(
     request: Request[Any, Any, Any],
-    status: str | None = None,
-    limit: int = Parameter(default=20, ge=1, le=200),
-    cursor: str | None = None,
+    status: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 20,
+    cursor: FromQuery[str | None] = None,
 ) -> JSONDict:
     if status is not None and status not in STATUSES:
         raise h.InvalidBody(
             "invalid query", extra=[{"field": "status", "message": f"one of {', '.join(STATUSES)}"}]
         )
     try:
-        page: JSONDict = await h.container(request).service.list(
-            h.reader(request), status, limit, cursor
-        )
+        page: JSONDict = await h.container(request).service.list(h.reader(request), status, limit, cursor)
     except ValueError:
         raise h.InvalidBody(
             "invalid query", extra=[{"field": "cursor", "message": "not a cursor this API issued"}]
@@ -61,7 +59,7 @@ async def list_jobs(
 
 
 @get("/api/jobs/{job_id:str}", summary="Job status", tags=["jobs"])
-async def get_job(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
     view = await h.container(request).service.view(h.check_job_id(job_id), h.reader(request))
     if view is None:
         raise NotFoundException("job not found")
@@ -71,8 +69,8 @@ async def get_job(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
 @get("/api/jobs/{job_id:str}/stream", summary="Job events (Server-Sent Events)", tags=["jobs"])
 async def stream_job(
     request: Request[Any, Any, Any],
-    job_id: str,
-    last_event_id_query: str | None = Parameter(query="lastEventId", default=None),
+    job_id: FromPath[str],
+    last_event_id_query: Annotated[str | None, QueryParameter(name="lastEventId")] = None,
 ) -> ServerSentEvent:
     c = h.container(request)
     scope = h.reader(request)
@@ -97,7 +95,7 @@ async def stream_job(
 
 
 @get("/api/jobs/{job_id:str}/artifacts", summary="Artifact metadata of a job", tags=["artifacts"])
-async def list_artifacts(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+async def list_artifacts(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
     items = await h.container(request).service.artifacts(h.check_job_id(job_id), h.reader(request))
     if items is None:
         raise NotFoundException("job not found")
@@ -105,11 +103,11 @@ async def list_artifacts(request: Request[Any, Any, Any], job_id: str) -> JSONDi
 
 
 @get("/api/jobs/{job_id:str}/artifacts/{name:str}", summary="One artifact", tags=["artifacts"])
-async def get_artifact(request: Request[Any, Any, Any], job_id: str, name: str) -> JSONDict:
+async def get_artifact(
+    request: Request[Any, Any, Any], job_id: FromPath[str], name: FromPath[str]
+) -> JSONDict:
     c = h.container(request)
-    item = await c.service.artifact(
-        h.check_job_id(job_id), h.reader(request), h.check_artifact(name)
-    )
+    item = await c.service.artifact(h.check_job_id(job_id), h.reader(request), h.check_artifact(name))
     if item is None:
         raise NotFoundException("artifact not found")
     result: JSONDict = item
@@ -117,7 +115,7 @@ async def get_artifact(request: Request[Any, Any, Any], job_id: str, name: str) 
 
 
 @post("/api/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job", tags=["jobs"])
-async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> Response[JSONDict]:
+async def cancel_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[JSONDict]:
     """Idempotent. Queued -> cancelled now; running -> the worker stops; finished -> unchanged."""
     job = await h.container(request).service.cancel(h.check_job_id(job_id), h.reader(request))
     if job is None:
@@ -137,7 +135,7 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> Response[J
 
 
 @get("/api/jobs/{job_id:str}/trace", summary="Every LLM call of a job", tags=["jobs"])
-async def get_trace(request: Request[Any, Any, Any], job_id: str) -> JSONDict:
+async def get_trace(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
     trace = await h.container(request).service.trace(h.check_job_id(job_id), h.reader(request))
     if trace is None:
         raise NotFoundException("job not found")

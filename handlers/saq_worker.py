@@ -84,17 +84,43 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
 
 
 class JobqWorker(Worker[Any]):
-    """SAQ's worker, with shutdown log lines and upkeep loops stopped at once on a
-    signal (they would otherwise hold the shutdown for up to a sweep period)."""
+    """SAQ's worker with its shutdown done here: upkeep loops stop at once (they
+    would hold the shutdown for up to a sweep period), running jobs get the grace
+    period, and each one still running after it is cancelled exactly once.
+
+    SAQ's own ``stop`` cancels a late job twice (``wait_for`` cancels the gather,
+    then ``cancel_tasks`` cancels again), and the second cancel can land while the
+    first is still putting the job back on the queue; the job is then only
+    recovered by a sweep after its heartbeat runs out.
+    """
+
+    _draining = False
 
     async def stop(self) -> None:
-        if not self._stopped:
-            running = [job.key for job in self.job_task_contexts]
-            log.info("worker_stopping", worker=self.id, running=running, grace_s=grace_s())
-            for task in list(self.tasks):
-                if task.get_name() != "process":
-                    task.cancel()
+        if not self._stopped and not self._draining:
+            self._draining = True
+            self.event.set()
+            await self._drain()
         await super().stop()
+
+    async def _drain(self) -> None:
+        grace = grace_s()
+        running = [job.key for job in self.job_task_contexts]
+        log.info("worker_stopping", worker=self.id, running=running, grace_s=grace)
+        for task in list(self.tasks):
+            if task.get_name() != "process":
+                task.cancel()
+        processes = [task for task in self.tasks if task.get_name() == "process"]
+        if not processes:
+            return
+        _done, pending = await asyncio.wait(processes, timeout=grace)
+        if pending:
+            late = [job.key for job in self.job_task_contexts]
+            if late:
+                log.warning("worker_grace_over", worker=self.id, handing_back=late)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=self._cancellation_hard_deadline_s + 5)
 
 
 def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:

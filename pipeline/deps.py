@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from adapters.ports import JobStore, LLMProvider, RateLimiter
+from pipeline.latency import LatencyModel
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,5 @@ class Deps:
     llm: LLMProvider
     config: PipelineConfig = field(default_factory=PipelineConfig)
     limiter: RateLimiter | None = None
+    latency: LatencyModel = field(default_factory=LatencyModel)
+    """Step durations seen by this process; they weight the scheduler's critical path."""

@@ -62,12 +62,13 @@ def cost_usd(config: PipelineConfig, model: str, prompt: int, completion: int) -
 
 async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
     """Trace a step served from the cache: no call, no tokens."""
+    model = deps.config.model_for(step)
     await deps.store.add_trace(
         job_id,
         {
             "step": step,
             "provider": deps.llm.name,
-            "model": deps.config.model_for(step),
+            "model": model,
             "attempt": 0,
             "kind": "cache",
             "cache_hit": True,
@@ -75,8 +76,7 @@ async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
             "completion_tokens": 0,
             "duration_ms": 0,
             "outcome": "ok",
-            "cost_usd": 0.0 if deps.config.price_per_1k_tokens.get(deps.config.model_for(step))
-            else None,
+            "cost_usd": cost_usd(deps.config, model, 0, 0),
             "ts": now_ms(),
         },
     )

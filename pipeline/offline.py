@@ -133,7 +133,8 @@ class _Facts:
         self.title = str(pitch.get("title") or brief.get("project_title") or "Startup")
         self.text = str(pitch.get("pitch") or brief.get("brief") or self.title)
         self.region = str(pitch.get("geo") or evidence.get("region") or "EU/DACH")
-        self.topics = _topics(f"{self.title} {self.text}")
+        title_words = {w.lower() for w in _WORD.findall(self.title)}
+        self.topics = [t for t in _topics(self.text, 8) if t not in title_words][:5] or ["market"]
         self.sources = [s["title"] for s in evidence.get("sources", []) if "title" in s]
         seed = sha256_hex(f"{step}|{self.title}|{self.text}|{language}")
         self.rng = random.Random(int(seed[:16], 16))

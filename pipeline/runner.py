@@ -12,8 +12,11 @@ and cancellation of ``run_job`` itself (worker shutdown: the job stays
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import time
+import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -36,18 +39,18 @@ from pipeline.deps import Deps
 from pipeline.graph import (
     FINAL_STEP,
     LLM_STEPS,
-    PRIORITY,
     SECTION_STEPS,
     STEP_BY_NAME,
     STEP_ORDER,
     STEPS,
     TOTAL_STEPS,
     Step,
+    remaining_chain,
 )
 from pipeline.hashing import cache_key, make_artifact, verify_artifact
 from pipeline.llm_call import StepCall, call_llm_step, record_cache_hit
 from pipeline.prompts import prompt_version
-from pipeline.request import JobRequest
+from pipeline.request import JobRequest, RequestInvalid
 from pipeline.steps import assemble_dossier, build_pitch
 from pipeline.validation import validate_sections
 from pipeline.views import initial_progress, initial_steps, status_event
@@ -122,6 +125,9 @@ class JobRun:
         self.progress: JSON = dict(job.progress) or initial_progress()
         self.running: dict[str, float] = {}
         """Steps in progress -> monotonic start time."""
+        routes = ((s, deps.config.model_for(s)) for s in LLM_STEPS)
+        self.priority = remaining_chain(deps.latency.weights(routes))
+        """Longest remaining chain per step, weighted by the durations seen so far."""
         self._write_lock = asyncio.Lock()
 
     # -- delivery ---------------------------------------------------------
@@ -224,7 +230,7 @@ class JobRun:
         try:
             while FINAL_STEP not in self.done:
                 for step in await self.start_free_steps(seen, tasks):
-                    rank = (-PRIORITY[step.name], STEP_ORDER[step.name], step.name)
+                    rank = (-self.priority[step.name], STEP_ORDER[step.name], step.name)
                     heapq.heappush(waiting, rank)
                 while waiting and llm_running < self.limit:
                     step = STEP_BY_NAME[heapq.heappop(waiting)[2]]
@@ -285,10 +291,13 @@ class JobRun:
         if step.uses_llm:
             call = StepCall(self.job.id, step.name, self.request.language, self.inputs(step),
                             self.deadline)
+            started = time.monotonic()
             try:
                 data = await call_llm_step(self.deps, call)
             except LLMError as exc:
                 raise StepFailed(exc.code, exc.message, step.name) from exc
+            model = self.deps.config.model_for(step.name)
+            self.deps.latency.observe(step.name, model, time.monotonic() - started)
         else:
             try:
                 data = self._compute(step)
@@ -428,12 +437,48 @@ class JobRun:
         )
 
 
+class _DeliveryGate:
+    """One delivery of a job at a time per process (and event loop). A duplicate
+    delivery, e.g. a redelivery while the first run is still alive here, waits and
+    then finds the job finished or resumes it; it never runs the steps twice."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _DeliveryGate]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(job_id: str) -> AsyncIterator[None]:
+    gates = _gates.setdefault(asyncio.get_running_loop(), {})
+    gate = gates.setdefault(job_id, _DeliveryGate())
+    gate.users += 1
+    try:
+        if gate.lock.locked():
+            log.info("job_delivery_waits", job_id=job_id)
+        async with gate.lock:
+            yield
+    finally:
+        gate.users -= 1
+        if gate.users == 0:
+            gates.pop(job_id, None)
+
+
 async def run_job(job_id: str, deps: Deps, *, run_cls: type[JobRun] = JobRun) -> Job | None:
     """Run one delivery of ``job_id``; returns the job as left, ``None`` if unknown.
 
     Cancelling this coroutine (worker shutdown) leaves the job ``running`` and
     re-raises, so the queue's redelivery resumes it from its checkpoints.
     """
+    async with _exclusive(job_id):
+        return await _deliver(job_id, deps, run_cls)
+
+
+async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None:
     store = deps.store
     job = await store.get(job_id)
     if job is None:
@@ -460,4 +505,11 @@ async def run_job(job_id: str, deps: Deps, *, run_cls: type[JobRun] = JobRun) ->
     )
     if job is None:
         return await store.get(job_id)
-    return await run_cls(job, deps).execute()
+    try:
+        run = run_cls(job, deps)
+    except RequestInvalid as exc:
+        message = f"stored request no longer valid: {exc}"
+        return await _end(
+            deps, job_id, FAILED, _error("invalid_request", message), frozenset({RUNNING})
+        )
+    return await run.execute()

@@ -6,8 +6,10 @@ LLM-produced models forbid extra keys so the schema handed to providers carries
 
 from __future__ import annotations
 
+import copy
 import json
 import re
+from functools import cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -123,9 +125,15 @@ STEP_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def json_schema(step: str) -> dict[str, Any]:
-    """JSON schema of the step's artifact, for structured-output requests."""
+@cache
+def _schema(step: str) -> dict[str, Any]:
     return STEP_MODELS[step].model_json_schema()
+
+
+def json_schema(step: str) -> dict[str, Any]:
+    """JSON schema of the step's artifact, for structured-output requests (a copy:
+    providers may adapt it in place)."""
+    return copy.deepcopy(_schema(step))
 
 
 def schema_name(step: str) -> str:

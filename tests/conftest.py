@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,7 +54,9 @@ def backend_env(backend: str, workdir: Path) -> dict[str, str]:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Attach the logs of the deployments a failed test used to its report."""
     report: pytest.TestReport = yield
     if report.failed:
@@ -105,9 +107,7 @@ SLOW_ENV = {
 
 
 @pytest.fixture(scope="session")
-def slow_shared_service(
-    backend: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Service]:
+def slow_shared_service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     service = _build(backend, tmp_path_factory.mktemp(f"slow-{backend}"), SLOW_ENV, workers=1)
     try:
         yield service.start()
@@ -133,9 +133,7 @@ def service(shared_service: Service, request: pytest.FixtureRequest) -> Service:
 
 
 @pytest.fixture
-def service_factory(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[ServiceFactory]:
+def service_factory(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServiceFactory]:
     """``factory(env=None, workers=1) -> Service``: a fresh deployment, stopped after the test."""
     built: list[Service] = []
 

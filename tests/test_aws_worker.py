@@ -91,7 +91,7 @@ def _receive(expect: int) -> dict[str, Any]:
 
 
 def _job(job_id: str) -> Job:
-    job = _run(aws._worker_runtime().container.store.get(job_id))
+    job: Job | None = _run(aws._worker_runtime().container.store.get(job_id))
     assert job is not None
     return job
 
@@ -197,7 +197,7 @@ def test_a_job_whose_worker_dies_is_redelivered_and_resumed(
     """Kill -9 a `jobq worker` mid-job: SQS redelivers; a new worker resumes, redoing no step."""
     worker_env = {
         **env,
-        "SQS_VISIBILITY_TIMEOUT_S": "2",
+        "SQS_VISIBILITY_TIMEOUT_S": "3",
         "LLM_OFFLINE_LATENCY_MS": "150",
         "LOG_LEVEL": "info",
     }

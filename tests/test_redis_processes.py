@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,13 +106,14 @@ def events_of(service: Service, name: str, event: str, job_id: str) -> list[dict
 
 def worker_holding(service: Service, job_id: str) -> str:
     """The worker process whose log says it picked ``job_id`` up."""
-    return wait_until(
+    name: str = wait_until(
         lambda: next(
             (n for n in service.worker_names() if events_of(service, n, "job_picked_up", job_id)),
             None,
         ),
         f"a worker picking up {job_id}",
     )
+    return name
 
 
 def completed_steps(view: dict[str, Any]) -> set[str]:
@@ -143,9 +143,7 @@ def test_two_workers_share_the_jobs(deploy: Deployment) -> None:
     """Jobs submitted to one web process are spread over two worker processes and all complete."""
     service = deploy.start(workers=2, WORKER_CONCURRENCY="2", LLM_OFFLINE_LATENCY_MS="50")
     with service.client() as client:
-        wait_until(
-            lambda: client.get("/api/jobs/stats").json()["workers"] == 2, "two live workers"
-        )
+        wait_until(lambda: client.get("/api/jobs/stats").json()["workers"] == 2, "two live workers")
         ids = [submit(client) for _ in range(8)]
         for job_id in ids:
             assert wait_for(client, job_id)["status"] == "completed"
@@ -247,13 +245,15 @@ def test_sse_and_cancel_work_through_a_second_web_process(deploy: Deployment) ->
 
         slow = submit(a, parallel_limit=1)
         wait_until(lambda: get_job(b, slow)["status"] == "running", "the job to start")
-        assert b.post(f"/api/jobs/{slow}/cancel").status_code == 200
+        assert b.post(f"/api/jobs/{slow}/cancel").status_code in (200, 202)
         final = wait_for(a, slow)
         assert final["status"] == "cancelled"
         assert len(completed_steps(final)) < 15
 
 
-def test_redis_restart_during_a_run(own_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_redis_restart_during_a_run(
+    own_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Redis goes down mid-job: health turns 503 and back to 200 by itself, and the job completes."""
     deployment = Deployment(tmp_path, request, own_redis.url)
     try:
@@ -265,9 +265,7 @@ def test_redis_restart_during_a_run(own_redis: RedisServer, tmp_path: Path, requ
             health = client.get("/api/jobs/health")
             assert health.status_code == 503 and health.json()["status"] == "error"
             own_redis.resume()
-            wait_until(
-                lambda: client.get("/api/jobs/health").status_code == 200, "health to recover"
-            )
+            wait_until(lambda: client.get("/api/jobs/health").status_code == 200, "health to recover")
             final = wait_for(client, job_id, timeout_s=TAKE_UP_S + 30)
             assert final["status"] == "completed", final
             stats = client.get("/api/jobs/stats").json()

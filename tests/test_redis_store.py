@@ -50,9 +50,7 @@ def _job(tenant: str = "t1", key: str | None = None) -> Job:
 
 
 def _artifact(name: str) -> Artifact:
-    return Artifact(
-        name=name, type="section", data={"bullets": []}, hash="0" * 64, timestamp=1, size=2
-    )
+    return Artifact(name=name, type="section", data={"bullets": []}, hash="0" * 64, timestamp=1, size=2)
 
 
 async def test_updates_of_different_fields_do_not_lose_each_other(store: RedisStore) -> None:
@@ -95,9 +93,7 @@ async def test_exactly_one_of_many_racing_transitions_wins(store: RedisStore) ->
     assert got is not None and got.attempts == winners[0].attempts
 
 
-async def test_idempotency_key_lives_24h_and_is_per_tenant(
-    store: RedisStore, raw: aioredis.Redis
-) -> None:
+async def test_idempotency_key_lives_24h_and_is_per_tenant(store: RedisStore, raw: aioredis.Redis) -> None:
     """The idempotency key is stored with a 24 h expiry; a deleted first job frees it."""
     first, created = await store.create(_job("a", "key-1"))
     again, created_again = await store.create(_job("a", "key-1"))
@@ -137,9 +133,7 @@ async def test_blocking_read_is_a_server_side_block_woken_by_another_client(
     blocked: list[dict[str, str]] = []
     for _ in range(200):
         blocked = [
-            line
-            for line in (await raw.client_list())
-            if line["cmd"] == "xread" and "b" in line["flags"]
+            line for line in (await raw.client_list()) if line["cmd"] == "xread" and "b" in line["flags"]
         ]
         if blocked:
             break

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import httpx
+
 from tests.conftest import ServiceFactory
 from tests.contract.helpers import (
     LLM_STEPS,
@@ -20,11 +22,11 @@ from tests.contract.helpers import (
 from tests.support.service import Service
 
 
-def _artifact_count(client, job_id: str) -> int:  # type: ignore[no-untyped-def]
+def _artifact_count(client: httpx.Client, job_id: str) -> int:
     return int(client.get(f"/api/jobs/{job_id}/artifacts").json()["count"])
 
 
-def _settled_trace_count(client, job_id: str, quiet_s: float = 0.6) -> int:  # type: ignore[no-untyped-def]
+def _settled_trace_count(client: httpx.Client, job_id: str, quiet_s: float = 0.6) -> int:
     """The trace length once it stops changing (an aborted call must not add records later)."""
     before = len(trace(client, job_id)["calls"])
     time.sleep(quiet_s)

@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import ServiceFactory
 from tests.contract.helpers import (
     ARTIFACT_NAMES,
+    SseEvent,
     get_job,
     read_stream,
     submit,
@@ -124,7 +125,7 @@ def test_bounded_window_ends_the_response_and_reconnects_see_the_same_sequence(
     )
     with deployment.client() as client:
         job_id = submit(client, parallel_limit=1)
-        collected = []
+        collected: list[SseEvent] = []
         last = 0
         responses = 0
         while not collected or collected[-1].event != "done":
@@ -132,7 +133,7 @@ def test_bounded_window_ends_the_response_and_reconnects_see_the_same_sequence(
             assert part.status_code == 200 and part.retry
             responses += 1
             collected += part.events
-            last = collected[-1].id if collected else 0
+            last = (collected[-1].id or 0) if collected else 0
             assert responses < 500
         whole = read_stream(client, job_id)
     assert responses > 1, "the window never cut a response short"

@@ -17,6 +17,7 @@ to try the aws backend by hand (see the README).
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import sys
 import threading
@@ -69,6 +70,7 @@ def _free_port() -> int:
 
 
 def _start(port: int) -> BaseWSGIServer:
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     app = _AtomicS3Writes(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
     threading.Thread(target=server.serve_forever, name="moto-server", daemon=True).start()
@@ -143,7 +145,7 @@ def main(argv: list[str]) -> None:
     _server = _start(port)
     _endpoint = f"http://127.0.0.1:{port}"
     env = aws_backend_env("jobq", visibility_timeout_s=60)
-    print("moto is serving; export this environment:", flush=True)
+    print(f"# moto serves S3 and SQS on {_endpoint}; eval this output in a shell", flush=True)
     for key, value in env.items():
         print(f"export {key}={value}", flush=True)
     threading.Event().wait()

@@ -79,17 +79,19 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed and nothing answers on :6379")
         persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always"]
-            if self.persistent
-            else ["--appendonly", "no"]
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         )
         self.process = subprocess.Popen(
             [
                 binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--dir", str(self.directory),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
                 *persistence,
             ],
             stdout=subprocess.DEVNULL,

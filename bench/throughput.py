@@ -1,0 +1,457 @@
+"""Throughput of the redis backend (issue 3, part 8), each beside its floor, in one run.
+
+(a) ``POST /api/jobs`` at 32 concurrent clients against ``jobq serve``, beside a bare
+    Litestar endpoint that only enqueues a SAQ job (same server, same Redis).
+(b) Completed 15-step jobs per second for one ``jobq worker`` process (offline
+    provider, zero latency), beside bare SAQ running no-op jobs.
+(c) 200 concurrent jobs on one worker process at 200 ms per LLM call: the batch's
+    total time beside the ideal (one job's optimal makespan), and memory per job.
+
+Everything runs on a private ``redis-server`` (no persistence) so nothing else
+disturbs it. The table is printed and written into BENCHMARKS.md between the
+``throughput`` markers. Usage: ``python bench/throughput.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.redis_server import RedisServer, free_port  # noqa: E402 - after sys.path
+
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
+FLOOR_QUEUE = "bench-floor"
+NOOP_QUEUE = "bench-noop"
+BODY = {
+    "project_title": "Solar Mesh",
+    "elevator_pitch": "Community solar micro-grids for rural schools; we lease panels "
+    "and batteries and sell power by the kWh.",
+    "language": "en",
+}
+
+
+# -- child processes ----------------------------------------------------------
+
+
+def floor_app(url: str, port: int) -> None:
+    """The floor of (a): one Litestar route that enqueues a SAQ job and answers 202."""
+    import uvicorn
+    from litestar import Litestar, post
+    from saq import Queue
+
+    queue = Queue.from_url(url, name=FLOOR_QUEUE)
+
+    @post("/enqueue", status_code=202)
+    async def enqueue(data: dict[str, Any]) -> dict[str, Any]:
+        job = await queue.enqueue("noop", title=data.get("project_title"))
+        return {"jobId": job.key if job else None, "status": "queued"}
+
+    app = Litestar([enqueue], on_startup=[queue.connect], on_shutdown=[queue.disconnect])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def noop_worker(url: str, concurrency: int) -> None:
+    """The floor of (b): a SAQ worker whose jobs do nothing."""
+    from saq import Queue, Worker
+
+    async def noop(ctx: Any, **_: Any) -> None:
+        return None
+
+    async def main() -> None:
+        queue = Queue.from_url(url, name=NOOP_QUEUE)
+        worker: Worker[Any] = Worker(
+            queue, functions=[("noop", noop)], concurrency=concurrency, dequeue_timeout=1.0
+        )
+        await queue.connect()
+        try:
+            await worker.start()
+        finally:
+            await queue.disconnect()
+
+    asyncio.run(main())
+
+
+class Child:
+    """A subprocess with its output in a log file, stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.log = logs / f"{name}.log"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def child_env(url: str, prefix: str, **extra: str) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("JOBS_", "LLM_", "SAQ_"))}
+    keep.pop("REDIS_URL", None)
+    return {
+        **keep,
+        "REDIS_URL": url,
+        "JOBS_KEY_PREFIX": prefix,
+        "LOG_LEVEL": "warning",
+        "SUBMIT_RATE_PER_MIN": "0",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def http_ok(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            return (await client.get(url)).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+# -- (a) submission -------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def _connection(
+    port: int, request: bytes, stop_at: float, record_from: float, out: list[float], errs: list[int]
+) -> None:
+    """One keep-alive HTTP/1.1 connection sending requests back to back (a raw client:
+    httpx would spend more CPU than the server under test on this 2-core machine)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            if started >= record_from:
+                out.append(time.perf_counter() - started)
+                if not head.startswith((b"HTTP/1.1 202", b"HTTP/1.1 200")):
+                    errs.append(1)
+    finally:
+        writer.close()
+
+
+async def load(port: int, path: str, clients: int, seconds: float, warmup: float) -> LoadResult:
+    payload = json.dumps(BODY).encode()
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    begin = time.perf_counter()
+    record_from, stop_at = begin + warmup, begin + warmup + seconds
+    latencies: list[float] = []
+    errors: list[int] = []
+    await asyncio.gather(
+        *(_connection(port, request, stop_at, record_from, latencies, errors) for _ in range(clients))
+    )
+    return LoadResult(len(latencies), seconds, latencies, len(errors))
+
+
+async def bench_submit(url: str, logs: Path, seconds: float) -> dict[str, LoadResult]:
+    floor_port, web_port = free_port(), free_port()
+    floor = Child(
+        "floor-web",
+        [sys.executable, __file__, "--floor-app", str(floor_port)],
+        child_env(url, "bench-a"),
+        logs,
+    )
+    web = Child(
+        "jobq-web",
+        [sys.executable, "-m", "handlers.cli", "serve", "--port", str(web_port)],
+        child_env(url, "bench-a"),
+        logs,
+    )
+    try:
+        await wait_until(lambda: http_ok(f"http://127.0.0.1:{floor_port}/schema"), "floor app")
+        await wait_until(lambda: http_ok(f"http://127.0.0.1:{web_port}/api/jobs/health"), "jobq")
+        results = {}
+        for name, port, path in (("floor", floor_port, "/enqueue"), ("jobq", web_port, "/api/jobs")):
+            results[name] = await load(port, path, clients=32, seconds=seconds, warmup=1.0)
+        return results
+    finally:
+        floor.stop()
+        web.stop()
+
+
+# -- (b) worker throughput and (c) concurrency ----------------------------------
+
+
+def _settings(url: str, prefix: str) -> Any:
+    from handlers.settings import Settings
+
+    return Settings.from_env({"REDIS_URL": url, "JOBS_KEY_PREFIX": prefix, "SAQ_HEARTBEAT_S": "20"})
+
+
+async def submit_jobs(url: str, prefix: str, count: int, **fields: Any) -> list[str]:
+    """Create and enqueue ``count`` jobs with distinct inputs (no cache hits)."""
+    from handlers.bootstrap import bootstrap
+
+    container = bootstrap(_settings(url, prefix))
+    await container.open()
+    try:
+        jobs = await asyncio.gather(
+            *(
+                container.service.submit(
+                    {**BODY, "project_title": f"Solar Mesh {uuid.uuid4().hex[:10]}", **fields},
+                    "bench",
+                )
+                for _ in range(count)
+            )
+        )
+        return [job.id for job, _ in jobs]
+    finally:
+        await container.close()
+
+
+async def job_window(
+    url: str, prefix: str, ids: list[str], limit_s: float
+) -> tuple[float, float, list[float]]:
+    """Wait until every job completed; (first start, last completion, per-job durations)."""
+    from adapters.redis_store import RedisStore
+
+    store = RedisStore(url, prefix=prefix)
+    try:
+
+        async def all_done() -> bool:
+            counts = await store.count_by_status()
+            if counts["failed"] or counts["cancelled"]:
+                raise RuntimeError(f"jobs did not complete: {counts}")
+            return counts["completed"] >= len(ids)
+
+        await wait_until(all_done, "jobs to complete", limit_s)
+        jobs = [await store.get(job_id) for job_id in ids]
+        starts = [j.started_at for j in jobs if j and j.started_at]
+        ends = [j.completed_at for j in jobs if j and j.completed_at]
+        durations = [j.completed_at - j.started_at for j in jobs if j and j.started_at and j.completed_at]
+        return min(starts), max(ends), durations
+    finally:
+        await store.close()
+
+
+def start_worker(url: str, prefix: str, logs: Path, name: str, **env: str) -> Child:
+    return Child(name, [sys.executable, "-m", "handlers.cli", "worker"], child_env(url, prefix, **env), logs)
+
+
+async def bench_worker(url: str, logs: Path, jobs: int, noop_jobs: int) -> dict[str, float]:
+    from saq import Queue
+
+    prefix = "bench-b"
+    ids = await submit_jobs(url, prefix, jobs)
+    worker = start_worker(url, prefix, logs, "jobq-worker-b", LLM_OFFLINE_LATENCY_MS="0")
+    try:
+        first, last, _ = await job_window(url, prefix, ids, 600)
+    finally:
+        worker.stop()
+    jobq_rate = jobs / (last - first)
+
+    queue = Queue.from_url(url, name=NOOP_QUEUE)
+    await queue.connect()
+    keys = [uuid.uuid4().hex for _ in range(noop_jobs)]
+    for key in keys:
+        await queue.enqueue("noop", key=key, ttl=3600)
+    noop = Child("noop-worker", [sys.executable, __file__, "--noop-worker", "50"], child_env(url, "x"), logs)
+    try:
+
+        async def drained() -> bool:
+            return await queue.count("incomplete") == 0
+
+        await wait_until(drained, "no-op jobs", 300)
+        records = [j for j in await queue.jobs(keys) if j is not None]
+    finally:
+        noop.stop()
+        await queue.disconnect()
+    span_s = (max(j.completed for j in records) - min(j.started for j in records)) / 1000
+    return {"jobq": jobq_rate, "noop": len(records) / span_s}
+
+
+async def bench_concurrency(url: str, logs: Path, jobs: int, latency_ms: int) -> dict[str, float]:
+    from adapters.saq_queue import SaqQueue
+    from pipeline.graph import lower_bound
+
+    prefix = "bench-c"
+    worker = start_worker(
+        url,
+        prefix,
+        logs,
+        "jobq-worker-c",
+        LLM_OFFLINE_LATENCY_MS=str(latency_ms),
+        WORKER_CONCURRENCY=str(jobs),
+    )
+    queue = SaqQueue(url, prefix=prefix)
+    try:
+
+        async def alive() -> bool:
+            return bool((await queue.stats())["workers"])
+
+        await wait_until(alive, "worker c")
+        await asyncio.sleep(1.0)
+        baseline = rss_kib(worker.pid)
+        peak = baseline
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                peak = max(peak, rss_kib(worker.pid))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        ids = await submit_jobs(url, prefix, jobs)
+        first, last, durations = await job_window(url, prefix, ids, 600)
+        sampling = False
+        await sampler
+    finally:
+        await queue.close()
+        worker.stop()
+    return {
+        "ideal_s": lower_bound(latency_ms / 1000, 2),
+        "total_s": last - first,
+        "mean_job_s": statistics.fmean(durations),
+        "kib_per_job": (peak - baseline) / jobs,
+        "baseline_mib": baseline / 1024,
+        "peak_mib": peak / 1024,
+    }
+
+
+# -- report -------------------------------------------------------------------
+
+
+def table(a: dict[str, LoadResult], b: dict[str, float], c: dict[str, float], c_jobs: int) -> str:
+    jobq, floor = a["jobq"], a["floor"]
+    rows = [
+        "| measure | jobq | floor | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| (a) POST /api/jobs, 32 clients: requests/s | {jobq.rps:.0f} | {floor.rps:.0f} "
+        f"| {jobq.rps / floor.rps:.0%} of floor | >= 60% |",
+        f"| (a) p50 latency (ms) | {jobq.pct(0.5):.1f} | {floor.pct(0.5):.1f} "
+        f"| {jobq.pct(0.5) / floor.pct(0.5):.1f}x | |",
+        f"| (a) p99 latency (ms) | {jobq.pct(0.99):.1f} | {floor.pct(0.99):.1f} "
+        f"| {jobq.pct(0.99) / floor.pct(0.99):.1f}x | <= 2x |",
+        f"| (b) completed jobs/s, one worker process | {b['jobq']:.0f} | {b['noop']:.0f} (no-op SAQ) "
+        f"| {b['jobq'] / b['noop']:.0%} | >= 100 jobs/s |",
+        f"| (c) {c_jobs} concurrent jobs at 200 ms/call: total (s) | {c['total_s']:.2f} "
+        f"| {c['ideal_s']:.2f} (ideal) | {c['total_s'] / c['ideal_s']:.2f}x | <= 1.2x |",
+        f"| (c) mean job duration (s) | {c['mean_job_s']:.2f} | {c['ideal_s']:.2f} (ideal) "
+        f"| {c['mean_job_s'] / c['ideal_s']:.2f}x | |",
+        f"| (c) memory per in-flight job (KiB) | {c['kib_per_job']:.0f} | | "
+        f"| RSS {c['baseline_mib']:.0f} -> {c['peak_mib']:.0f} MiB |",
+    ]
+    errors = jobq.errors + floor.errors
+    note = (
+        f"\n{jobq.requests + floor.requests} requests measured, {errors} non-2xx. "
+        f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
+        "client, servers and Redis share it. Servers log at warning level.\n"
+    )
+    return "\n".join(rows) + "\n" + note
+
+
+def write_section(text: str) -> None:
+    body = (
+        f"{START}\n## Throughput of the redis backend (`bench/throughput.py`)\n\n"
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n{text}{END}"
+    )
+    current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    if START in current and END in current:
+        head, _, rest = current.partition(START)
+        _, _, tail = rest.partition(END)
+        updated = head + body + tail
+    else:
+        updated = current.rstrip("\n") + "\n\n" + body + "\n"
+    BENCHMARKS.write_text(updated)
+
+
+async def main(quick: bool) -> None:
+    logs = ROOT / "data" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = RedisServer.start(persistent=False)
+    try:
+        print(f"redis on {server.url}; logs in {logs}", flush=True)
+        a = await bench_submit(server.url, logs, seconds=3 if quick else 8)
+        print("(a) done", flush=True)
+        b = await bench_worker(
+            server.url, logs, jobs=100 if quick else 400, noop_jobs=2000 if quick else 5000
+        )
+        print("(b) done", flush=True)
+        c_jobs = 200
+        c = await bench_concurrency(server.url, logs, jobs=c_jobs, latency_ms=200)
+        print("(c) done", flush=True)
+    finally:
+        server.close()
+    text = table(a, b, c, c_jobs)
+    print(text)
+    write_section(text)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--floor-app", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--noop-worker", type=int, metavar="CONCURRENCY", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor_app:
+        floor_app(os.environ["REDIS_URL"], args.floor_app)
+    elif args.noop_worker:
+        noop_worker(os.environ["REDIS_URL"], args.noop_worker)
+    else:
+        asyncio.run(main(args.quick))

@@ -1,0 +1,128 @@
+"""The `jobq` client commands against a real local deployment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.service import ROOT, Service, base_env
+
+
+@pytest.fixture(scope="module")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("cli")
+    env = {
+        **base_env(),
+        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
+        "LLM_OFFLINE_LATENCY_MS": "20",
+    }
+    service = Service(backend="local", env=env, log_dir=workdir)
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+def jobq(service: Service, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "handlers.cli", *args, "--url", service.base_url]
+        if args and args[0] != "--help"
+        else [sys.executable, "-m", "handlers.cli", *args],
+        cwd=ROOT,
+        env={**base_env(), "COLUMNS": "200"},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _job_id(output: str) -> str:
+    for word in output.split():
+        if len(word) == 36 and word.count("-") == 4:
+            return word
+    raise AssertionError(f"no job id in {output!r}")
+
+
+def test_submit_follows_the_job_to_completion(local_service: Service) -> None:
+    """`jobq submit` posts the pitch, follows the stream, lists artifacts and exits 0 when done."""
+    result = jobq(
+        local_service,
+        "submit",
+        "--title",
+        "CLI Solar",
+        "--pitch",
+        "Panels for schools.",
+        "--language",
+        "en",
+        "--parallel-limit",
+        "4",
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "dossier" in result.stdout and "completed" in result.stdout
+    job_id = _job_id(result.stdout)
+    status = jobq(local_service, "status", job_id)
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["status"] == "completed"
+
+
+def test_submit_no_follow_then_status_artifacts_and_cancel(local_service: Service, tmp_path: Path) -> None:
+    """--no-follow returns at once; status, artifacts (list and one) and cancel work on the id."""
+    pitch = tmp_path / "pitch.txt"
+    pitch.write_text("Batteries for bakeries, leased per month.", encoding="utf-8")
+    result = jobq(local_service, "submit", "--title", "CLI Bake", "--pitch-file", str(pitch), "--no-follow")
+    assert result.returncode == 0, result.stderr
+    job_id = _job_id(result.stdout)
+    follow = jobq(local_service, "submit", "--title", "CLI Bake", "--pitch-file", "-", stdin="From stdin.")
+    assert follow.returncode == 0, follow.stderr
+    listed = jobq(local_service, "artifacts", _job_id(follow.stdout))
+    assert listed.returncode == 0
+    for name in ("pitch", "sources", "section_market", "investor_score", "dossier"):
+        assert name in listed.stdout
+    one = jobq(local_service, "artifacts", _job_id(follow.stdout), "pitch")
+    assert one.returncode == 0
+    assert json.loads(one.stdout)["data"]["pitch"] == "From stdin."
+    cancelled = jobq(local_service, "cancel", job_id)
+    assert cancelled.returncode == 0 and job_id in cancelled.stdout
+
+
+def test_client_errors_exit_1_with_the_servers_message(local_service: Service) -> None:
+    """An invalid pitch and an unknown job exit 1 with the API's error, not a traceback."""
+    bad = jobq(local_service, "submit", "--title", "x" * 201, "--pitch", "p")
+    assert bad.returncode == 1
+    assert "400" in bad.stderr and "project_title" in bad.stderr
+    missing = jobq(local_service, "status", "00000000-0000-4000-8000-000000000000")
+    assert missing.returncode == 1 and "404" in missing.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_unreachable_server_exits_1_with_a_message() -> None:
+    """A client command against a closed port says it cannot reach the server."""
+    result = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "status", "x", "--url", "http://127.0.0.1:9"],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot reach" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_submit_needs_exactly_one_pitch_source() -> None:
+    """Neither or both of --pitch/--pitch-file is a usage error (exit 2)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", "submit", "--title", "t"],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--pitch" in result.stderr

@@ -1,0 +1,320 @@
+"""run_job end to end on a real SQLite store with the offline provider."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from adapters.constants import CANCELLED, COMPLETED, FAILED, RUNNING
+from adapters.ports import Event, Job, JobStore, LLMError, LLMReply, LLMRequest
+from adapters.sqlite_store import SqliteStore
+from pipeline.deps import Deps, PipelineConfig
+from pipeline.graph import LLM_STEPS, STEP_BY_NAME, STEP_NAMES, STEPS
+from pipeline.hashing import content_hash
+from pipeline.offline import OfflineProvider
+from pipeline.request import validate_request
+from pipeline.runner import run_job
+from pipeline.views import initial_progress, initial_steps, status_view
+
+BODY = {
+    "project_title": "GreenGrid",
+    "elevator_pitch": (
+        "GreenGrid balances neighbourhood solar batteries for municipal utilities. "
+        "Utilities pay per kilowatt-hour shifted. Three pilots run in Bavaria."
+    ),
+    "language": "en",
+}
+FAST = PipelineConfig(cancel_poll_s=0.02, llm_backoff_base_s=0.01, llm_backoff_max_s=0.05)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(":memory:")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def new_job(store: JobStore, **body: Any) -> str:
+    request = validate_request({**BODY, **body})
+    job = Job(
+        id=str(uuid.uuid4()),
+        tenant="t",
+        request=request.to_dict(),
+        progress=initial_progress(),
+        steps=initial_steps(),
+    )
+    await store.create(job)
+    return job.id
+
+
+async def wait_for_artifacts(store: JobStore, job_id: str, count: int) -> list[Event]:
+    """Follow the event log until ``count`` artifacts were announced."""
+    seen: list[Event] = []
+    while sum(e.type == "artifact_written" for e in seen) < count:
+        after = seen[-1].id if seen else 0
+        batch = await store.read_events(job_id, after, wait_s=10)
+        assert batch, "no progress within 10 s"
+        seen += batch
+    return seen
+
+
+async def test_all_fifteen_artifacts_are_stored_with_verifiable_hashes(store: SqliteStore) -> None:
+    """A completed job has one artifact per step, of the step's type, hashed as sha256 of canonical JSON."""
+    llm = OfflineProvider()
+    job = await run_job(await new_job(store), Deps(store, llm, FAST))
+    assert job is not None and job.status == COMPLETED, job and job.error
+    artifacts = await store.list_artifacts(job.id)
+    assert sorted(a.name for a in artifacts) == sorted(s.artifact for s in STEPS)
+    by_name = {a.name: a for a in artifacts}
+    for step in STEPS:
+        artifact = by_name[step.artifact]
+        assert artifact.type == step.artifact_type
+        assert artifact.hash == content_hash(artifact.data)
+        assert len(artifact.hash) == 64
+    assert job.steps == {name: "completed" for name in STEP_NAMES}
+    assert job.result is not None and job.result["success"] is True
+    assert job.result["data"] == by_name["dossier"].data
+    assert job.result["meta"]["offline"] is True
+    assert job.result["meta"]["llm_calls"] == len(LLM_STEPS) == llm.calls
+    assert by_name["dossier"].data["meta"]["offline"] is True
+    view = status_view(job, artifacts)
+    assert set(view["artifacts"]) == {s.artifact for s in STEPS}
+
+
+@pytest.mark.parametrize("limit", [1, 2, 4])
+async def test_parallel_limit_is_used_but_never_exceeded(store: SqliteStore, limit: int) -> None:
+    """Concurrent LLM calls reach parallel_limit and never go beyond it."""
+    llm = OfflineProvider(latency_ms=100)
+    job = await run_job(await new_job(store, parallel_limit=limit), Deps(store, llm, FAST))
+    assert job is not None and job.status == COMPLETED
+    assert llm.max_in_flight == limit
+    assert llm.in_flight == 0
+
+
+async def test_critical_path_first_with_one_slot(store: SqliteStore) -> None:
+    """With one slot, market (longest remaining chain) runs before the other sections."""
+    order: list[str] = []
+
+    class Recording(OfflineProvider):
+        async def complete(self, request: LLMRequest) -> LLMReply:
+            order.append(request.step)
+            return await super().complete(request)
+
+    job = await run_job(await new_job(store, parallel_limit=1), Deps(store, Recording(), FAST))
+    assert job is not None and job.status == COMPLETED
+    assert order.index("market") == 2
+    assert order.index("business_model") < order.index("problem")
+    assert order[-1] == "investor_score"
+
+
+async def test_second_identical_job_is_served_from_the_cache(store: SqliteStore) -> None:
+    """An identical second job makes no LLM call, marks steps cached and yields the same dossier."""
+    llm = OfflineProvider()
+    deps = Deps(store, llm, FAST)
+    first = await run_job(await new_job(store), deps)
+    calls_after_first = llm.calls
+    second = await run_job(await new_job(store), deps)
+    assert first is not None and second is not None and second.status == COMPLETED
+    assert llm.calls == calls_after_first
+    assert all(second.steps[s] == "cached" for s in LLM_STEPS)
+    assert second.steps["input"] == second.steps["assemble"] == "completed"
+    assert second.result is not None and first.result is not None
+    assert second.result["meta"]["cache_hits"] == len(LLM_STEPS)
+    assert second.result["meta"]["llm_calls"] == 0
+    dossier_hashes = {
+        (await store.get_artifact(j.id, "dossier")).hash  # type: ignore[union-attr]
+        for j in (first, second)
+    }
+    assert len(dossier_hashes) == 1
+    trace = await store.get_trace(second.id)
+    assert len(trace) == len(LLM_STEPS) and all(r["cache_hit"] for r in trace)
+
+
+async def test_skip_cache_calls_every_step_again(store: SqliteStore) -> None:
+    """skip_cache skips cache reads: every LLM step is called even though the cache holds them."""
+    llm = OfflineProvider()
+    deps = Deps(store, llm, FAST)
+    await run_job(await new_job(store), deps)
+    job = await run_job(await new_job(store, skip_cache=True), deps)
+    assert job is not None and job.status == COMPLETED
+    assert llm.calls == 2 * len(LLM_STEPS)
+    assert all(job.steps[s] == "completed" for s in LLM_STEPS)
+
+
+async def test_different_language_is_a_cache_miss(store: SqliteStore) -> None:
+    """Language enters the cache key: the German job calls every step and answers in German."""
+    llm = OfflineProvider()
+    deps = Deps(store, llm, FAST)
+    await run_job(await new_job(store), deps)
+    job = await run_job(await new_job(store, language="de"), deps)
+    assert job is not None and job.result is not None
+    assert llm.calls == 2 * len(LLM_STEPS)
+    assert "Offline-Modus" in " ".join(job.result["data"]["brief"]["assumptions"])
+
+
+async def test_deadline_fails_the_job_with_timeout_and_aborts_calls(store: SqliteStore) -> None:
+    """A job slower than timeout_ms fails with code timeout, naming a step, with no call left in flight."""
+    llm = OfflineProvider(latency_ms=400)
+    job_id = await new_job(store, parallel_limit=1, timeout_ms=1000)
+    job = await run_job(job_id, Deps(store, llm, FAST))
+    assert job is not None and job.status == FAILED
+    assert job.error is not None and job.error["code"] == "timeout"
+    assert job.error["step"] in LLM_STEPS
+    assert job.steps[job.error["step"]] == "failed"
+    assert llm.in_flight == 0
+    assert llm.calls < len(LLM_STEPS)
+    events = await store.read_events(job_id)
+    assert [e.type for e in events[-3:]] == ["status", "error", "done"]
+    assert events[-1].data == {"status": FAILED}
+
+
+async def test_cancel_mid_run_ends_cancelled_and_aborts_calls(store: SqliteStore) -> None:
+    """A cancel request while steps run ends the job cancelled with no call left in flight."""
+    llm = OfflineProvider(latency_ms=200)
+    job_id = await new_job(store, parallel_limit=2)
+    task = asyncio.create_task(run_job(job_id, Deps(store, llm, FAST)))
+    await wait_for_artifacts(store, job_id, 2)
+    await store.request_cancel(job_id)
+    job = await task
+    assert job is not None and job.status == CANCELLED
+    assert job.error is not None and job.error["code"] == "cancelled"
+    assert llm.in_flight == 0
+    assert "running" not in job.steps.values()
+    assert len(await store.list_artifacts(job_id)) < len(STEPS)
+    assert (await store.read_events(job_id))[-1].data == {"status": CANCELLED}
+
+
+async def test_cancel_before_start_makes_no_call(store: SqliteStore) -> None:
+    """A job whose cancel flag is up when delivered ends cancelled without any LLM call."""
+    llm = OfflineProvider()
+    job_id = await new_job(store)
+    await store.request_cancel(job_id)
+    job = await run_job(job_id, Deps(store, llm, FAST))
+    assert job is not None and job.status == CANCELLED and llm.calls == 0
+
+
+async def test_killed_delivery_resumes_without_repeating_finished_steps(store: SqliteStore) -> None:
+    """Cancelling run_job (worker death) leaves the job running; the next delivery runs only what is left."""
+    llm = OfflineProvider(latency_ms=40)
+    deps = Deps(store, llm, FAST)
+    job_id = await new_job(store, parallel_limit=2)
+    task = asyncio.create_task(run_job(job_id, deps))
+    await wait_for_artifacts(store, job_id, 6)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert llm.in_flight == 0
+    interrupted = await store.get(job_id)
+    assert interrupted is not None and interrupted.status == RUNNING
+    finished = {a.name for a in await store.list_artifacts(job_id)}
+    finished_llm_steps = {s for s in LLM_STEPS if STEP_BY_NAME[s].artifact in finished}
+    assert finished_llm_steps, "the kill came before any LLM step finished"
+    calls_before = dict(llm.calls_by_step)
+
+    job = await run_job(job_id, deps)
+    assert job is not None and job.status == COMPLETED
+    assert job.attempts == 2
+    assert job.started_at == interrupted.started_at
+    for step in finished_llm_steps:
+        assert llm.calls_by_step[step] == calls_before[step] == 1
+    assert set(llm.calls_by_step) == set(LLM_STEPS)
+    assert len(await store.list_artifacts(job_id)) == len(STEPS)
+
+
+async def test_progress_never_decreases_in_the_event_log(store: SqliteStore) -> None:
+    """percentage and currentStep of consecutive status events never go down, ending at 100/15."""
+    job_id = await new_job(store, parallel_limit=4)
+    await run_job(job_id, Deps(store, OfflineProvider(latency_ms=5), FAST))
+    events = await store.read_events(job_id)
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    progress = [e.data["progress"] for e in events if e.type == "status"]
+    assert len(progress) > len(STEPS)
+    for before, after in itertools.pairwise(progress):
+        assert after["percentage"] >= before["percentage"]
+        assert after["currentStep"] >= before["currentStep"]
+    assert progress[-1] == {
+        "step": "final_assembly",
+        "percentage": 100,
+        "currentStep": 15,
+        "totalSteps": 15,
+    }
+    displays = {p["step"] for p in progress}
+    assert {"evidence_harvesting", "section_market", "investor_scoring"} <= displays
+    assert [e.type for e in events[-3:]] == ["status", "result", "done"]
+
+
+async def test_worker_lost_after_max_attempts(store: SqliteStore) -> None:
+    """A job already delivered job_max_attempts times fails with worker_lost instead of running again."""
+    llm = OfflineProvider()
+    job_id = await new_job(store)
+    await store.update(job_id, status=RUNNING, attempts=3, started_at=1.0)
+    job = await run_job(job_id, Deps(store, llm, PipelineConfig(job_max_attempts=3)))
+    assert job is not None and job.status == FAILED
+    assert job.error is not None and job.error["code"] == "worker_lost"
+    assert llm.calls == 0
+    assert (await store.read_events(job_id))[-1].data == {"status": FAILED}
+
+
+async def test_finished_and_unknown_jobs_are_left_alone(store: SqliteStore) -> None:
+    """A second delivery of a completed job changes nothing; an unknown id returns None."""
+    llm = OfflineProvider()
+    deps = Deps(store, llm, FAST)
+    job_id = await new_job(store)
+    first = await run_job(job_id, deps)
+    events = len(await store.read_events(job_id))
+    again = await run_job(job_id, deps)
+    assert first == again and llm.calls == len(LLM_STEPS)
+    assert len(await store.read_events(job_id)) == events
+    assert await run_job("no-such-job", deps) is None
+
+
+class FailingStep(OfflineProvider):
+    """Answers like the offline provider except for one step, which gets a fixed error."""
+
+    def __init__(self, step: str, error: LLMError) -> None:
+        super().__init__(latency_ms=10)
+        self.step = step
+        self.error = error
+
+    async def complete(self, request: LLMRequest) -> LLMReply:
+        if request.step == self.step:
+            self.calls_by_step[request.step] += 1
+            raise self.error
+        return await super().complete(request)
+
+
+async def test_permanent_llm_error_fails_the_job_with_its_code_and_step(store: SqliteStore) -> None:
+    """A non-transient provider error is not retried and fails the job with {code, message, step}."""
+    llm = FailingStep("market", LLMError("llm_auth", "key rejected", status=401))
+    job = await run_job(await new_job(store, parallel_limit=4), Deps(store, llm, FAST))
+    assert job is not None and job.status == FAILED
+    assert job.error == {"code": "llm_auth", "message": "key rejected", "step": "market"}
+    assert job.steps["market"] == "failed"
+    assert llm.calls_by_step["market"] == 1
+    assert llm.in_flight == 0
+    assert "running" not in job.steps.values()
+
+
+async def test_learned_step_durations_steer_the_critical_path(store: SqliteStore) -> None:
+    """Once the process has seen team take far longer than other steps, one slot runs it right after brief."""
+    order: list[str] = []
+
+    class Recording(OfflineProvider):
+        async def complete(self, request: LLMRequest) -> LLMReply:
+            order.append(request.step)
+            return await super().complete(request)
+
+    deps = Deps(store, Recording(), FAST)
+    for step in LLM_STEPS:
+        deps.latency.observe(step, "offline", 5.0 if step == "team" else 0.1)
+    job = await run_job(await new_job(store, parallel_limit=1), deps)
+    assert job is not None and job.status == COMPLETED
+    assert order.index("team") == 2
+    estimate = deps.latency.estimate("market", "offline")
+    assert estimate is not None and estimate < 0.1, "the run did not feed what it saw back"

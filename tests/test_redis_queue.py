@@ -1,0 +1,135 @@
+"""SaqQueue on a real Redis with a real SAQ worker: keys, stats, shutdown hand-back, sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from saq import Worker
+from saq.job import Status
+from saq.utils import now
+
+from adapters.ports import StoreUnavailable
+from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
+from tests.support.redis_server import free_port, redis_url, unique_prefix
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[SaqQueue]:
+    made = SaqQueue(redis_url(), prefix=unique_prefix(), heartbeat_s=7, max_attempts=3)
+    made.saq.settle_s = 0.3
+    await made.open()
+    yield made
+    await made.close()
+
+
+async def test_enqueue_keys_the_saq_job_by_job_id_with_crash_settings(queue: SaqQueue) -> None:
+    """The SAQ job key is the job id; timeout covers the job's, heartbeat and retries are set."""
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=300)
+    await queue.enqueue(job_id, timeout_s=300)
+    job = await queue.saq.job(job_id)
+    assert job is not None
+    assert (job.key, job.function, job.kwargs) == (job_id, RUN_JOB_FUNCTION, {"job_id": job_id})
+    assert job.timeout >= 300 and job.heartbeat == 7 and job.retries >= 3 + 1
+    stats = await queue.stats()
+    assert stats["queued"] == 1 and stats["workers"] == 0
+
+
+async def test_a_real_worker_runs_jobs_and_counts_as_live(queue: SaqQueue) -> None:
+    """A SAQ worker on the queue receives each job id once and shows up in stats while alive."""
+    seen: list[str] = []
+
+    async def run_job(ctx: Any, *, job_id: str) -> None:
+        seen.append(job_id)
+
+    worker: Worker[Any] = Worker(
+        queue.saq,
+        functions=[(RUN_JOB_FUNCTION, run_job)],
+        concurrency=4,
+        dequeue_timeout=0.2,
+        timers={"worker_info": 1},  # type: ignore[arg-type]  # SAQ's TypedDict wants every timer
+    )
+    task = asyncio.create_task(worker.start())
+    ids = [uuid.uuid4().hex for _ in range(5)]
+    for job_id in ids:
+        await queue.enqueue(job_id, timeout_s=30)
+    async with asyncio.timeout(20):
+        while True:
+            if len(seen) == len(ids) and (await queue.stats())["workers"] == 1:
+                break
+            await asyncio.sleep(0.05)
+    await worker.stop()
+    task.cancel()
+    assert sorted(seen) == sorted(ids)
+
+
+async def test_a_stopping_worker_puts_a_just_received_job_back_at_the_head(queue: SaqQueue) -> None:
+    """A job a blocked dequeue receives after shutdown began goes back untouched, first in line."""
+    calls = {"n": 0}
+
+    def stopping() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1  # not yet when the dequeue starts, yes once it returns
+
+    queue.saq.should_stop = stopping
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    await queue.enqueue(first, timeout_s=30)
+    await queue.enqueue(second, timeout_s=30)
+    assert await queue.saq.dequeue(timeout=1) is None
+    assert await queue.saq.count("active") == 0
+    head = await queue.saq.redis.lindex(queue.saq.namespace("queued"), 0)
+    assert head in (queue.saq.job_id(first).encode(), queue.saq.job_id(first))
+    stored = await queue.saq.job(first)
+    assert stored is not None and stored.status == Status.QUEUED and stored.attempts == 0
+
+
+async def test_sweep_leaves_a_job_that_is_just_being_started(queue: SaqQueue) -> None:
+    """A job moved to the active list but marked active only a moment later is not re-queued."""
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+    job = await queue.saq.dequeue(timeout=1)
+    assert job is not None
+
+    async def mark_active_soon() -> None:
+        await asyncio.sleep(0.1)
+        job.started, job.attempts = now(), 1  # what the SAQ worker does after dequeue
+        await job.update(status=Status.ACTIVE)
+
+    swept, _ = await asyncio.gather(queue.saq.sweep(lock=1), mark_active_soon())
+    assert swept == []
+    assert await queue.saq.count("queued") == 0 and await queue.saq.count("active") == 1
+
+
+async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> None:
+    """An active job whose worker stopped beating is re-queued for another delivery."""
+    queue.saq.sweep_abort_wait_s = 0.2
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+    job = await queue.saq.dequeue(timeout=1)
+    assert job is not None
+    job.started, job.attempts = now(), 1
+    await job.update(status=Status.ACTIVE, heartbeat=1)
+    await asyncio.sleep(1.2)  # one heartbeat period without a beat
+    swept = await queue.saq.sweep(lock=1)
+    assert swept == [queue.saq.job_id(job_id)]
+    again = await queue.saq.job(job_id)
+    assert again is not None and again.status == Status.QUEUED and again.attempts == 1
+    assert await queue.saq.count("queued") == 1
+
+
+async def test_unreachable_redis_is_store_unavailable() -> None:
+    """With nothing on the port, ping, stats and enqueue raise StoreUnavailable (HTTP 503)."""
+    queue = SaqQueue(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
+    await queue.open()
+    async with asyncio.timeout(1.0):
+        with pytest.raises(StoreUnavailable):
+            await queue.ping()
+    with pytest.raises(StoreUnavailable):
+        await queue.stats()
+    with pytest.raises(StoreUnavailable):
+        await queue.enqueue("x", timeout_s=10)
+    await queue.close()
