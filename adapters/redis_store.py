@@ -65,6 +65,8 @@ log = structlog.get_logger("jobq.store")
 PING_BUDGET_S = 0.8
 """``ping`` gives up after this long, so /api/jobs/health answers within 1 s."""
 PRUNE_BATCH = 200
+MAX_CONNECTIONS = 512
+MAX_BLOCKING_CONNECTIONS = 4096
 
 _RAW_FIELDS = frozenset({"status", "tenant"})
 _STATUS_LIST = "{" + ",".join(f"'{s}'" for s in STATUSES) + "}"
@@ -182,6 +184,33 @@ return n
 """
 
 
+def redis_client(
+    url: str,
+    *,
+    max_connections: int,
+    socket_timeout: float | None,
+    retries: int = 6,
+    pool_timeout_s: float = 10.0,
+) -> aioredis.Redis:
+    """A client whose pool *waits* for a free connection when all are busy (redis-py's
+    default pool raises "Too many connections" at 100, which a worker running 50
+    jobs with parallel steps reaches). Retries cover refused connections only."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=min(socket_timeout or 2.0, 2.0),
+        health_check_interval=15,
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=1.0) if retries else NoBackoff(),
+            retries,
+            supported_errors=(RedisConnectionError,),
+        ),
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
 def _encode_job(job: Job) -> dict[str, str]:
     return {
         name: value if name in _RAW_FIELDS else json.dumps(value) for name, value in job.to_dict().items()
@@ -219,29 +248,18 @@ class RedisStore(JobStore):
         self.ttl_s = ttl_s
         # Normal commands: a refused connection is retried briefly (a Redis restart),
         # a timeout is not (a hung Redis should fail the request, not stall it).
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=3.0,
-            socket_connect_timeout=2.0,
-            health_check_interval=15,
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
-                6,
-                supported_errors=(RedisConnectionError,),
-            ),
-        )
-        # XREAD BLOCK holds a connection for up to ``wait_s``: its own pool, no socket
-        # timeout; ``asyncio.timeout`` bounds each read instead.
-        self._blocking = aioredis.Redis.from_url(
-            url, socket_timeout=None, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+        # Normal commands: a refused connection is retried briefly (a Redis restart),
+        # a timeout is not (a hung Redis should fail the request, not stall it).
+        self._redis = redis_client(url, max_connections=MAX_CONNECTIONS, socket_timeout=3.0)
+        # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): its
+        # own pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.
+        self._blocking = redis_client(
+            url, max_connections=MAX_BLOCKING_CONNECTIONS, socket_timeout=None, retries=0
         )
         # Health checks: short timeouts, no retries, so a down or hung Redis is
         # reported within PING_BUDGET_S and a later ping reconnects by itself.
-        self._ping_client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=PING_BUDGET_S / 2,
-            socket_connect_timeout=PING_BUDGET_S / 2,
-            retry=Retry(NoBackoff(), 0),
+        self._ping_client = redis_client(
+            url, max_connections=4, socket_timeout=PING_BUDGET_S / 2, retries=0
         )
         self._create_script = self._redis.register_script(_CREATE)
         self._update_script = self._redis.register_script(_UPDATE)

@@ -25,8 +25,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from saq.job import Job as SaqJob
@@ -35,10 +33,13 @@ from saq.queue.redis import RedisQueue
 
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.ports import JSON, Queue, StoreUnavailable
+from adapters.redis_store import redis_client
 
 log = structlog.get_logger("jobq.queue")
 
 PING_BUDGET_S = 0.8
+MAX_QUEUE_CONNECTIONS = 20_000
+"""At least the worker's concurrency plus SAQ's own operations."""
 RUN_JOB_FUNCTION = "run_job"
 """The SAQ function name the worker registers (``handlers.saq_worker.run_job``)."""
 FINISHED_JOB_TTL_S = 3600
@@ -185,28 +186,15 @@ class SaqQueue(Queue):
         attempts = max_attempts or int(env_number("JOB_MAX_ATTEMPTS", 3, 1, 100))
         self.retries = attempts + 3
         self.timeout_margin_s = env_number("SAQ_TIMEOUT_MARGIN_S", 60, 0, 86400)
-        client = aioredis.Redis.from_url(
-            url,
-            # Dequeue blocks for at most a second (the worker's dequeue_timeout).
-            socket_timeout=5.0,
-            socket_connect_timeout=2.0,
-            health_check_interval=15,
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
-                6,
-                supported_errors=(RedisConnectionError,),
-            ),
-        )
+        # Each idle worker slot blocks one connection in BLMOVE (up to a second).
+        client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS, socket_timeout=5.0)
         self.saq = JobqRedisQueue(
             client,
             name=queue_name(prefix),
             sweep_abort_wait_s=env_number("SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
         )
-        self._ping_client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=PING_BUDGET_S / 2,
-            socket_connect_timeout=PING_BUDGET_S / 2,
-            retry=Retry(NoBackoff(), 0),
+        self._ping_client = redis_client(
+            url, max_connections=4, socket_timeout=PING_BUDGET_S / 2, retries=0
         )
         self._opened = False
 

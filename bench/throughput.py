@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import statistics
@@ -57,6 +58,7 @@ def floor_app(url: str, port: int) -> None:
     from litestar import Litestar, post
     from saq import Queue
 
+    logging.getLogger("saq").setLevel(logging.WARNING)  # as jobq's servers run here
     queue = Queue.from_url(url, name=FLOOR_QUEUE)
 
     @post("/enqueue", status_code=202)
@@ -71,6 +73,8 @@ def floor_app(url: str, port: int) -> None:
 def noop_worker(url: str, concurrency: int) -> None:
     """The floor of (b): a SAQ worker whose jobs do nothing."""
     from saq import Queue, Worker
+
+    logging.getLogger("saq").setLevel(logging.WARNING)
 
     async def noop(ctx: Any, **_: Any) -> None:
         return None

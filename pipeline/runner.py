@@ -142,7 +142,10 @@ class JobRun:
             parallel_limit=self.limit,
             provider=self.deps.llm.name,
         )
-        await self._write()
+        try:
+            await self._write()
+        except _Stopped:
+            return await self.store.get(self.job.id)
         if time.time() >= self.deadline:
             return await self._fail(_error("timeout", self._timeout_message(), None))
         schedule = asyncio.create_task(self.schedule(), name=f"job:{self.job.id}:schedule")

@@ -6,6 +6,7 @@ SQS event source delivers; jobs run the real pipeline with the offline provider.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,8 +22,11 @@ import boto3
 import pytest
 
 from adapters.constants import COMPLETED, FAILED, QUEUED, RUNNING
-from adapters.ports import Job
+from adapters.ports import Job, LLMReply, LLMRequest, StoreUnavailable
 from handlers import aws
+from handlers.bootstrap import bootstrap
+from handlers.settings import Settings
+from pipeline.offline import OfflineProvider
 from tests.support.moto_server import TEST_MAX_RECEIVE_COUNT, aws_backend_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,9 +44,29 @@ class LambdaContext:
         return int((self.ends_at - time.monotonic()) * 1000)
 
 
+CRASH_MARKER = "CRASH-ME"
+
+
+class OutageForMarkedJobs:
+    """The offline provider, except that jobs whose title holds ``CRASH_MARKER`` meet a
+    store outage mid-step. The runner lets ``StoreUnavailable`` escape (the delivery
+    must be retried, not the job failed), so such a delivery crashes on every attempt."""
+
+    name = "offline"
+
+    def __init__(self) -> None:
+        self.inner = OfflineProvider()
+
+    async def complete(self, request: LLMRequest) -> LLMReply:
+        if CRASH_MARKER in json.dumps(request.context):
+            raise StoreUnavailable("s3: connection reset (injected for this job)")
+        return await self.inner.complete(request)
+
+
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """A fresh bucket, queue and DLQ; the process environment points at them."""
+    """A fresh bucket, queue and DLQ; the process environment points at them. The worker
+    runtime (as a Lambda instance would build it) runs :class:`OutageForMarkedJobs`."""
     values = aws_backend_env(f"w{uuid.uuid4().hex[:10]}", visibility_timeout_s=30)
     for key in list(os.environ):
         if key.startswith(("LLM_", "OPENAI_", "ANTHROPIC_", "REDIS")):
@@ -50,6 +74,10 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     for key, value in {**values, "SQS_RETRY_DELAY_S": "0", "LOG_LEVEL": "warning"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(aws, "_worker", None)
+    loop = asyncio.new_event_loop()
+    container = bootstrap(Settings.from_env(), llm=OutageForMarkedJobs())
+    loop.run_until_complete(container.open())
+    monkeypatch.setattr(aws, "_worker", aws._WorkerRuntime(container, loop))
     yield values
     if aws._worker is not None:
         aws._worker.loop.run_until_complete(aws._worker.container.close())
@@ -71,12 +99,8 @@ def _submit(body: dict[str, Any]) -> str:
 
 
 def _submit_broken() -> str:
-    """A job whose stored request cannot be read back: every run of it crashes."""
-    container = aws._worker_runtime().container
-    job = Job(id=str(uuid.uuid4()), tenant="public", request={"not": "a request"})
-    _run(container.store.create(job))
-    _run(container.queue.enqueue(job.id, 60))
-    return job.id
+    """A job whose every run crashes (see :class:`OutageForMarkedJobs`)."""
+    return _submit(_body(CRASH_MARKER))
 
 
 def _receive(expect: int) -> dict[str, Any]:
@@ -158,6 +182,10 @@ def test_a_job_never_outlives_the_invocation(
 ) -> None:
     """With little Lambda time left, the job fails with 'timeout' (a normal end, not a retry)."""
     monkeypatch.setenv("LLM_OFFLINE_LATENCY_MS", "400")
+    assert aws._worker is not None
+    aws._worker.loop.run_until_complete(aws._worker.container.close())
+    aws._worker.loop.close()
+    monkeypatch.setattr(aws, "_worker", None)  # rebuilt from the environment, as on Lambda
     job_id = _submit(_body("slow"))  # its own deadline is the default 300 s
     event = _receive(1)
     context = LambdaContext(remaining_ms=int(aws.DEADLINE_MARGIN_S * 1000) + 1200)

@@ -201,10 +201,12 @@ class Service:
         self._start_web()
 
     def stop(self) -> None:
-        for proc in self._workers.values():
+        """SIGTERM every process at once, then wait for each (SIGKILL after a grace period)."""
+        procs = [*self._workers.values(), *([self._web] if self._web else [])]
+        for proc in procs:
+            proc.send(signal.SIGTERM)
+        for proc in procs:
             proc.stop()
-        if self._web is not None:
-            self._web.stop()
 
     # -- diagnostics ------------------------------------------------------
 
