@@ -31,6 +31,8 @@ class LocalQueue(Queue):
         self._store = store
         self._concurrency = concurrency
         self._pending: asyncio.Queue[str] = asyncio.Queue()
+        self._waiting: set[str] = set()
+        """Job ids in ``_pending``: a job enqueued before ``open`` is not delivered twice."""
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0
 
@@ -38,8 +40,9 @@ class LocalQueue(Queue):
         if self._workers:
             return
         for job_id in await self._store.unfinished_job_ids():
-            log.info("job_resumed_on_start", job_id=job_id)
-            self._pending.put_nowait(job_id)
+            if job_id not in self._waiting:
+                log.info("job_resumed_on_start", job_id=job_id)
+                self._put(job_id)
         self._workers = [
             asyncio.create_task(self._work(n), name=f"jobq-worker-{n}")
             for n in range(self._concurrency)
@@ -68,11 +71,17 @@ class LocalQueue(Queue):
         }
 
     async def _enqueue(self, job_id: str, timeout_s: float) -> None:
+        if job_id not in self._waiting:
+            self._put(job_id)
+
+    def _put(self, job_id: str) -> None:
+        self._waiting.add(job_id)
         self._pending.put_nowait(job_id)
 
     async def _work(self, n: int) -> None:
         while True:
             job_id = await self._pending.get()
+            self._waiting.discard(job_id)
             self._busy += 1
             try:
                 await self._run(job_id)

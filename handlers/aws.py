@@ -34,14 +34,12 @@ from typing import Any
 
 import structlog
 
-from adapters.constants import ACTIVE_STATUSES, EV_DONE, EV_ERROR, EV_STATUS, FAILED, RUNNING
 from adapters.ports import JSON, Job, StoreUnavailable
 from adapters.sqs_queue import SqsQueue
 from handlers.bootstrap import Container, bootstrap
 from handlers.settings import Settings
 from pipeline.deps import Deps
-from pipeline.runner import JobRun, run_job
-from pipeline.views import status_event
+from pipeline.runner import JobRun, fail_active_job, run_job
 
 log = structlog.get_logger("jobq.aws")
 
@@ -163,33 +161,6 @@ def _clamped_run(limit_at: float | None) -> type[JobRun]:
     return ClampedJobRun
 
 
-async def _end_failed(container: Container, job_id: str, code: str, message: str) -> Job | None:
-    """Fail a job still queued/running and publish ``status``, ``error``, ``done``."""
-    job = await container.store.get(job_id)
-    if job is None or not job.active:
-        return job
-    steps = dict(job.steps)
-    running = [name for name, state in steps.items() if state == RUNNING]
-    for name in running:
-        steps[name] = FAILED
-    error = {"code": code, "message": message, "step": running[0] if running else None}
-    ended = await container.store.update(
-        job_id,
-        expect=ACTIVE_STATUSES,
-        status=FAILED,
-        error=error,
-        completed_at=time.time(),
-        steps=steps,
-    )
-    if ended is None:
-        return await container.store.get(job_id)
-    await container.store.append_event(job_id, EV_STATUS, status_event(ended))
-    await container.store.append_event(job_id, EV_ERROR, error)
-    await container.store.append_event(job_id, EV_DONE, {"status": FAILED})
-    log.warning("job_failed", job_id=job_id, code=code, message=message)
-    return ended
-
-
 def _remaining_s(context: Any) -> float | None:
     getter = getattr(context, "get_remaining_time_in_millis", None)
     return None if getter is None else float(getter()) / 1000.0
@@ -220,7 +191,7 @@ async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | N
         if isinstance(exc, TimeoutError) and guard.expired():
             # Safety net only: the clamped deadline normally ends the job first.
             crashed = "the run outlived its invocation's time limit"
-            job = await _end_failed(container, job_id, "timeout", crashed)
+            job = await fail_active_job(container.deps, job_id, "timeout", crashed)
             return job is not None and not job.active
         crashed = f"{type(exc).__name__}: {exc}"
         bound.exception("delivery_crashed")
@@ -240,7 +211,7 @@ async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | N
             "its message went to the dead-letter queue"
         )
         with contextlib.suppress(Exception):
-            await _end_failed(container, job_id, "worker_lost", message)
+            await fail_active_job(container.deps, job_id, "worker_lost", message)
     bound.warning("delivery_failed", reason=crashed, last_delivery=last_delivery)
     return False
 

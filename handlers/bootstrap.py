@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -41,7 +42,11 @@ class Container:
 
     async def run(self, job_id: str) -> None:
         """Run one delivery of a job (what every worker flavour calls)."""
-        await run_job(job_id, self.deps)
+        await _run_delivery(job_id, self.deps)
+
+
+async def _run_delivery(job_id: str, deps: Deps) -> None:
+    await run_job(job_id, deps)
 
 
 def _load(module: str, attr: str, extra: str) -> Any:
@@ -160,9 +165,6 @@ def bootstrap(
     limiter = limiter if limiter is not None else build_limiter(settings)
     deps = Deps(store=store, llm=llm, config=config or pipeline_config(settings), limiter=limiter)
 
-    async def run(job_id: str) -> None:
-        await run_job(job_id, deps)
-
-    queue = queue or build_queue(settings, run, store)
+    queue = queue or build_queue(settings, partial(_run_delivery, deps=deps), store)
     service = JobService(deps, queue, backend=settings.backend)
     return Container(settings, store, queue, llm, limiter, deps, service)

@@ -107,6 +107,20 @@ async def _end(
     return job
 
 
+async def fail_active_job(deps: Deps, job_id: str, code: str, message: str) -> Job | None:
+    """Fail a job that is still queued or running from outside a delivery (a lost
+    worker, a poison message): steps left running are marked failed."""
+    job = await deps.store.get(job_id)
+    if job is None or not job.active:
+        return job
+    steps = dict(job.steps)
+    running = [name for name, state in steps.items() if state == STEP_RUNNING]
+    for name in running:
+        steps[name] = STEP_FAILED
+    error = _error(code, message, running[0] if running else None)
+    return await _end(deps, job_id, FAILED, error, ACTIVE_STATUSES, steps=steps)
+
+
 class JobRun:
     """The state of one delivery. ``schedule`` is the policy; the bench subclasses it
     to compare with the old batch scheduler on the same step code."""
