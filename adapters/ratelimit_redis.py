@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import structlog
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -30,11 +32,22 @@ from limits.aio.strategies import (
 from limits.errors import StorageError
 
 from adapters.constants import KEY_PREFIX
+from adapters.redis_store import OP_TIMEOUT_S
 
 log = structlog.get_logger("jobq.ratelimit")
 
 MIN_SLEEP_S = 0.02
 MAX_SLEEP_S = 1.0
+
+
+T = TypeVar("T")
+
+
+async def _bounded(operation: Awaitable[T]) -> T:
+    """One Redis round trip of the limiter, bounded in time (a hung Redis must not
+    hold LLM calls forever; ``acquire`` then lets the call through)."""
+    async with asyncio.timeout(OP_TIMEOUT_S):
+        return await operation
 
 
 class RedisRateLimiter:
@@ -57,7 +70,7 @@ class RedisRateLimiter:
             implementation="redispy",
             key_prefix=f"{prefix}:ratelimit",
             wrap_exceptions=True,
-            socket_timeout=2.0,
+            # No socket_timeout: see adapters.redis_store.redis_client (3.11 wait_for).
             socket_connect_timeout=2.0,
         )
         self._requests = MovingWindowRateLimiter(self._storage)
@@ -67,22 +80,25 @@ class RedisRateLimiter:
 
     async def acquire(self, model: str, tokens: int) -> None:
         try:
-            if self._rpm_item is not None:
-                await self._take(self._requests, self._rpm_item, model, 1)
-            if self._tpm_item is not None:
-                cost = min(max(tokens, 1), self._tpm_item.amount)
-                await self._take(self._tokens, self._tpm_item, model, cost)
-        except StorageError as exc:
-            log.warning("rate_limiter_unavailable", model=model, error=str(exc))
+            await self._acquire(model, tokens)
+        except (StorageError, TimeoutError) as exc:
+            log.warning("rate_limiter_unavailable", model=model, error=str(exc) or "timeout")
+
+    async def _acquire(self, model: str, tokens: int) -> None:
+        if self._rpm_item is not None:
+            await self._take(self._requests, self._rpm_item, model, 1)
+        if self._tpm_item is not None:
+            cost = min(max(tokens, 1), self._tpm_item.amount)
+            await self._take(self._tokens, self._tpm_item, model, cost)
 
     @staticmethod
     async def _take(limiter: RateLimiter, item: RateLimitItem, model: str, cost: int) -> None:
         waited = False
-        while not await limiter.hit(item, model, cost=cost):
+        while not await _bounded(limiter.hit(item, model, cost=cost)):
             if not waited:
                 log.info("rate_limited", model=model, limit=item.namespace, cost=cost)
                 waited = True
-            reset_at, _remaining = await limiter.get_window_stats(item, model)
+            reset_at, _remaining = await _bounded(limiter.get_window_stats(item, model))
             pause = min(max(reset_at - time.time(), MIN_SLEEP_S), MAX_SLEEP_S)
             # Jitter: waiters in several processes should not all retry at one instant.
             await asyncio.sleep(pause * (1.0 + random.random() * 0.2))

@@ -33,8 +33,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -64,8 +65,12 @@ log = structlog.get_logger("jobq.store")
 
 PING_BUDGET_S = 0.8
 """``ping`` gives up after this long, so /api/jobs/health answers within 1 s."""
+OP_TIMEOUT_S = 5.0
+"""Longest a store operation may take, retries of a refused connection included."""
 PRUNE_BATCH = 200
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = int(os.environ.get("REDIS_MAX_CONNECTIONS", "128") or 128)
+"""Per process and pool; callers beyond it wait for a free connection. Managed Redis
+plans cap connections (Render Key Value starter: a few hundred for all services)."""
 MAX_BLOCKING_CONNECTIONS = 4096
 
 _RAW_FIELDS = frozenset({"status", "tenant"})
@@ -188,19 +193,28 @@ def redis_client(
     url: str,
     *,
     max_connections: int,
-    socket_timeout: float | None,
     retries: int = 6,
     pool_timeout_s: float = 10.0,
+    connect_timeout_s: float = 2.0,
 ) -> aioredis.Redis:
-    """A client whose pool *waits* for a free connection when all are busy (redis-py's
-    default pool raises "Too many connections" at 100, which a worker running 50
-    jobs with parallel steps reaches). Retries cover refused connections only."""
+    """A redis-py client fit for cancellation-heavy asyncio code.
+
+    - No ``socket_timeout``: with one set, redis-py sends each command through
+      ``asyncio.wait_for``, which on Python 3.11 swallows a ``cancel()`` that lands
+      as the send completes (CPython gh-86296). A cancelled task then keeps running,
+      e.g. the pipeline's cancel watcher, and whoever awaits it hangs for good.
+      Callers bound each operation with ``asyncio.timeout`` instead (safe on 3.11).
+    - The pool *waits* for a free connection when all are busy (redis-py's default
+      pool raises "Too many connections" at 100, which a worker running 50 jobs
+      with parallel steps reaches).
+    - Retries cover refused connections only (a Redis restart), not timeouts.
+    """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=pool_timeout_s,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=min(socket_timeout or 2.0, 2.0),
+        socket_timeout=None,
+        socket_connect_timeout=connect_timeout_s,
         health_check_interval=15,
         retry=Retry(
             ExponentialWithJitterBackoff(base=0.05, cap=1.0) if retries else NoBackoff(),
@@ -250,16 +264,14 @@ class RedisStore(JobStore):
         # a timeout is not (a hung Redis should fail the request, not stall it).
         # Normal commands: a refused connection is retried briefly (a Redis restart),
         # a timeout is not (a hung Redis should fail the request, not stall it).
-        self._redis = redis_client(url, max_connections=MAX_CONNECTIONS, socket_timeout=3.0)
+        self._redis = redis_client(url, max_connections=MAX_CONNECTIONS)
         # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): its
         # own pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.
-        self._blocking = redis_client(
-            url, max_connections=MAX_BLOCKING_CONNECTIONS, socket_timeout=None, retries=0
-        )
+        self._blocking = redis_client(url, max_connections=MAX_BLOCKING_CONNECTIONS, retries=0)
         # Health checks: short timeouts, no retries, so a down or hung Redis is
         # reported within PING_BUDGET_S and a later ping reconnects by itself.
         self._ping_client = redis_client(
-            url, max_connections=4, socket_timeout=PING_BUDGET_S / 2, retries=0
+            url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2
         )
         self._create_script = self._redis.register_script(_CREATE)
         self._update_script = self._redis.register_script(_UPDATE)
@@ -294,11 +306,15 @@ class RedisStore(JobStore):
             return base + (f"status:{status}" if status else "all")
         return base + (f"tstatus:{status}:{tenant}" if status else f"tenant:{tenant}")
 
-    @contextlib.contextmanager
-    def _unavailable(self) -> Iterator[None]:
-        """Connection trouble becomes :class:`StoreUnavailable` (HTTP 503)."""
+    @contextlib.asynccontextmanager
+    async def _op(self, timeout_s: float = OP_TIMEOUT_S) -> AsyncIterator[None]:
+        """Bound a store operation in time; connection trouble and a Redis that does
+        not answer become :class:`StoreUnavailable` (HTTP 503)."""
         try:
-            yield
+            async with asyncio.timeout(timeout_s):
+                yield
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis did not answer within {timeout_s:g}s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
 
@@ -343,7 +359,7 @@ class RedisStore(JobStore):
         ]
         for name, value in fields.items():
             args += [name, value]
-        with self._unavailable():
+        async with self._op():
             existing = await self._create_script(keys=[self._key(JOB_KEY, job.id), idem_key], args=args)
             if existing:
                 found = await self._get(_text(existing))
@@ -354,7 +370,7 @@ class RedisStore(JobStore):
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
-        with self._unavailable():
+        async with self._op():
             raw = await self._redis.hgetall(self._key(JOB_KEY, job_id))
         return _decode_job(cast(dict[bytes, bytes], raw))
 
@@ -366,7 +382,7 @@ class RedisStore(JobStore):
             args += [len(expect), *sorted(expect)]
         for name, value in changes.items():
             args += [name, value if name in _RAW_FIELDS else json.dumps(value)]
-        with self._unavailable():
+        async with self._op():
             raw = await self._update_script(keys=self._job_keys(job_id), args=args)
         return _decode_job(cast(list[Any], raw)) if raw else None
 
@@ -375,13 +391,13 @@ class RedisStore(JobStore):
         idem_key = (
             self._idem_key(job.tenant, job.idempotency_key) if job is not None and job.idempotency_key else ""
         )
-        with self._unavailable():
+        async with self._op():
             await self._delete_script(keys=[*self._job_keys(job_id), idem_key], args=[self.prefix, job_id])
 
     async def _prune(self) -> None:
         """Drop index entries of jobs that expired (only entries older than the TTL can)."""
         cutoff = repr(time.time() - self.ttl_s)
-        with self._unavailable():
+        async with self._op():
             await self._prune_script(keys=[], args=[self.prefix, cutoff, PRUNE_BATCH])
 
     async def _list_jobs(
@@ -398,7 +414,7 @@ class RedisStore(JobStore):
         batch = limit + 1
         while len(jobs) <= limit:
             top: float | str = after[0] if after else "+inf"
-            with self._unavailable():
+            async with self._op():
                 rows = await self._redis.zrange(
                     index,
                     top,
@@ -419,7 +435,7 @@ class RedisStore(JobStore):
             ]
             for job_id, job in zip(ids, await self._get_many(ids), strict=True):
                 if job is None:
-                    with self._unavailable():
+                    async with self._op():
                         await self._redis.zrem(index, job_id)
                     offset -= 1
                 elif len(jobs) <= limit:
@@ -436,25 +452,23 @@ class RedisStore(JobStore):
     async def _get_many(self, job_ids: list[str]) -> list[Job | None]:
         if not job_ids:
             return []
-        with self._unavailable():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    pipe.hgetall(self._key(JOB_KEY, job_id))
-                raws = await pipe.execute()
+        async with self._op(), self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self._key(JOB_KEY, job_id))
+            raws = await pipe.execute()
         return [_decode_job(raw) for raw in raws]
 
     async def _count_by_status(self) -> dict[str, int]:
         await self._prune()
-        with self._unavailable():
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for status in STATUSES:
-                    pipe.zcard(self._index(None, status))
-                counts = await pipe.execute()
+        async with self._op(), self._redis.pipeline(transaction=False) as pipe:
+            for status in STATUSES:
+                pipe.zcard(self._index(None, status))
+            counts = await pipe.execute()
         return {status: int(n) for status, n in zip(STATUSES, counts, strict=True)}
 
     async def _unfinished_job_ids(self) -> list[str]:
         rows: list[tuple[float, str]] = []
-        with self._unavailable():
+        async with self._op():
             for status in sorted(ACTIVE_STATUSES):
                 members = await self._redis.zrange(self._index(None, status), 0, -1, withscores=True)
                 rows += [(score, job_id) for job_id, score in _members(members)]
@@ -463,14 +477,14 @@ class RedisStore(JobStore):
     # -- artifacts and cache ------------------------------------------------
 
     async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
-        with self._unavailable():
+        async with self._op():
             await self._put_artifact_script(
                 keys=[self._key(ARTIFACT_KEY, job_id)],
                 args=[artifact.name, json.dumps(artifact.to_dict()), self.ttl_s],
             )
 
     async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
-        with self._unavailable():
+        async with self._op():
             raw = await self._redis.hget(self._key(ARTIFACT_KEY, job_id), name)
         if raw is None:
             return None
@@ -478,7 +492,7 @@ class RedisStore(JobStore):
         return Artifact.from_dict(json.loads(doc))
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
-        with self._unavailable():
+        async with self._op():
             raw = await self._redis.hgetall(self._key(ARTIFACT_KEY, job_id))
         entries: list[tuple[int, Artifact]] = []
         for name, value in cast(dict[bytes, bytes], raw).items():
@@ -489,18 +503,18 @@ class RedisStore(JobStore):
         return [artifact for _, artifact in sorted(entries, key=lambda e: e[0])]
 
     async def _cache_get(self, key: str) -> Artifact | None:
-        with self._unavailable():
+        async with self._op():
             raw = await self._redis.getex(self._key(CACHE_KEY, key), ex=self.ttl_s)
         return Artifact.from_dict(json.loads(raw)) if raw else None
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
-        with self._unavailable():
+        async with self._op():
             await self._redis.set(self._key(CACHE_KEY, key), json.dumps(artifact.to_dict()), ex=self.ttl_s)
 
     # -- events and trace ---------------------------------------------------
 
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
-        with self._unavailable():
+        async with self._op():
             event_id = await self._append_script(
                 keys=[self._key("evseq", job_id), self._key(EVENTS_KEY, job_id)],
                 args=[type, json.dumps(data), self.ttl_s],
@@ -518,37 +532,33 @@ class RedisStore(JobStore):
 
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
         stream: dict[Any, Any] = {self._key(EVENTS_KEY, job_id): f"{after}-0"}
-        with self._unavailable():
+        async with self._op():
             events = self._parse_stream(await self._redis.xread(stream))
-            if events or wait_s <= 0:
-                return events
-            block_ms = max(1, int(wait_s * 1000))
-            try:
-                async with asyncio.timeout(wait_s + 2.0):
-                    reply = await self._blocking.xread(stream, block=block_ms)
-            except TimeoutError as exc:
-                raise StoreUnavailable("redis: blocking read did not return") from exc
+        if events or wait_s <= 0:
+            return events
+        # XREAD BLOCK: Redis answers when an event is appended or after ``wait_s``.
+        async with self._op(wait_s + OP_TIMEOUT_S):
+            reply = await self._blocking.xread(stream, block=max(1, int(wait_s * 1000)))
         return self._parse_stream(reply)
 
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         key = self._key(TRACE_KEY, job_id)
-        with self._unavailable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, json.dumps(record))
-                pipe.expire(key, self.ttl_s)
-                await pipe.execute()
+        async with self._op(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(record))
+            pipe.expire(key, self.ttl_s)
+            await pipe.execute()
 
     async def _get_trace(self, job_id: str) -> list[JSON]:
-        with self._unavailable():
+        async with self._op():
             rows = await self._redis.lrange(self._key(TRACE_KEY, job_id), 0, -1)
         return [cast(JSON, json.loads(row)) for row in rows]
 
     # -- cancellation -------------------------------------------------------
 
     async def _request_cancel(self, job_id: str) -> None:
-        with self._unavailable():
+        async with self._op():
             await self._redis.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
 
     async def _cancel_requested(self, job_id: str) -> bool:
-        with self._unavailable():
+        async with self._op():
             return bool(await self._redis.exists(self._key(CANCEL_KEY, job_id)))

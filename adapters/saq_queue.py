@@ -33,7 +33,7 @@ from saq.queue.redis import RedisQueue
 
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.ports import JSON, Queue, StoreUnavailable
-from adapters.redis_store import redis_client
+from adapters.redis_store import OP_TIMEOUT_S, redis_client
 
 log = structlog.get_logger("jobq.queue")
 
@@ -187,14 +187,14 @@ class SaqQueue(Queue):
         self.retries = attempts + 3
         self.timeout_margin_s = env_number("SAQ_TIMEOUT_MARGIN_S", 60, 0, 86400)
         # Each idle worker slot blocks one connection in BLMOVE (up to a second).
-        client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS, socket_timeout=5.0)
+        client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS)
         self.saq = JobqRedisQueue(
             client,
             name=queue_name(prefix),
             sweep_abort_wait_s=env_number("SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
         )
         self._ping_client = redis_client(
-            url, max_connections=4, socket_timeout=PING_BUDGET_S / 2, retries=0
+            url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2
         )
         self._opened = False
 
@@ -222,7 +222,10 @@ class SaqQueue(Queue):
 
     async def stats(self) -> JSON:
         try:
-            info: Any = await self.saq.info()
+            async with asyncio.timeout(OP_TIMEOUT_S):
+                info: Any = await self.saq.info()
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis queue did not answer within {OP_TIMEOUT_S:g}s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis queue: {exc}") from exc
         return {
@@ -234,14 +237,17 @@ class SaqQueue(Queue):
 
     async def _enqueue(self, job_id: str, timeout_s: float) -> None:
         try:
-            await self.saq.enqueue(
-                RUN_JOB_FUNCTION,
-                key=job_id,
-                job_id=job_id,
-                timeout=int(timeout_s + self.timeout_margin_s),
-                heartbeat=self.heartbeat_s,
-                retries=self.retries,
-                ttl=FINISHED_JOB_TTL_S,
-            )
+            async with asyncio.timeout(OP_TIMEOUT_S):
+                await self.saq.enqueue(
+                    RUN_JOB_FUNCTION,
+                    key=job_id,
+                    job_id=job_id,
+                    timeout=int(timeout_s + self.timeout_margin_s),
+                    heartbeat=self.heartbeat_s,
+                    retries=self.retries,
+                    ttl=FINISHED_JOB_TTL_S,
+                )
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis queue did not answer within {OP_TIMEOUT_S:g}s") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailable(f"redis queue: {exc}") from exc

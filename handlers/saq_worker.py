@@ -18,7 +18,6 @@ the heartbeat is set per job at enqueue time (``SAQ_HEARTBEAT_S``, see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 from typing import Any
@@ -71,8 +70,7 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
         raise
     finally:
         beat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beat
+        await asyncio.wait({beat}, timeout=5)
     job = await container.store.get(job_id)
     status = job.status if job else "missing"
     if status == FAILED:

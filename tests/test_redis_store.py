@@ -288,3 +288,25 @@ async def test_store_recovers_after_redis_restarts(own_redis: RedisServer) -> No
     await store.create(_job())
     assert (await store.count_by_status())[QUEUED] >= 1
     await store.close()
+
+
+async def test_a_task_polling_the_store_always_stops_when_cancelled(store: RedisStore) -> None:
+    """Cancelling a task mid store call always ends it (redis-py's socket-timeout path on
+    Python 3.11 could swallow the cancel and leave such a task, e.g. a cancel watcher, running)."""
+    job, _ = await store.create(_job())
+
+    async def poll() -> None:
+        while True:
+            await store.cancel_requested(job.id)
+            await asyncio.sleep(0)
+
+    survivors = 0
+    for n in range(200):
+        task = asyncio.create_task(poll())
+        await asyncio.sleep((n % 7) * 0.0003)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if not done:
+            survivors += 1
+            task.cancel()
+    assert survivors == 0
