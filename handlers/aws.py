@@ -47,7 +47,6 @@ SSE_WINDOW_DEFAULT_S = "25"
 """API Gateway cuts responses at 30 s and Lambda buffers them: SSE answers in windows."""
 DEADLINE_MARGIN_S = 5.0
 """Kept free at the end of an invocation to record the outcome and answer SQS."""
-RETRY_DELAY_S = 10.0
 """First back-off of a failed delivery (doubles per receive, capped at ``RETRY_DELAY_MAX_S``)."""
 RETRY_DELAY_MAX_S = 900
 LOCAL_SLICE_S = 3600.0 + 120.0
@@ -216,10 +215,9 @@ async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | N
     return False
 
 
-def _retry_delay(receives: int, last_delivery: bool) -> int:
+def _retry_delay(receives: int, last_delivery: bool, base: float) -> int:
     if last_delivery:
         return 0  # straight on to the DLQ
-    base = float(os.environ.get("SQS_RETRY_DELAY_S", RETRY_DELAY_S))
     return int(min(RETRY_DELAY_MAX_S, base * 2 ** max(0, receives - 1)))
 
 
@@ -243,9 +241,8 @@ async def handle_sqs_event(runtime: _WorkerRuntime, event: JSON, context: Any) -
             receives = int(record.get("attributes", {}).get("ApproximateReceiveCount", "1"))
             last = receives >= runtime.settings.job_max_attempts
             with contextlib.suppress(StoreUnavailable):
-                await runtime.queue.change_visibility(
-                    str(record["receiptHandle"]), _retry_delay(receives, last)
-                )
+                delay = _retry_delay(receives, last, runtime.settings.sqs_retry_delay_s)
+                await runtime.queue.change_visibility(str(record["receiptHandle"]), delay)
         return ok
 
     outcomes = await asyncio.gather(*(one(r) for r in records))
@@ -298,9 +295,8 @@ def sqs_event(messages: list[JSON], source_arn: str, region: str) -> JSON:
     }
 
 
-async def _visibility(queue: SqsQueue) -> int:
-    configured = os.environ.get("SQS_VISIBILITY_TIMEOUT_S", "").strip()
-    return max(1, int(configured)) if configured else await queue.visibility_timeout()
+async def _visibility(queue: SqsQueue, configured: int) -> int:
+    return configured if configured > 0 else await queue.visibility_timeout()
 
 
 async def _heartbeat(runtime: _WorkerRuntime, visibility: int) -> None:
@@ -346,7 +342,7 @@ async def _serve(runtime: _WorkerRuntime, pollers: int, batch: int, wait_s: int)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    visibility = await _visibility(runtime.queue)
+    visibility = await _visibility(runtime.queue, runtime.settings.sqs_visibility_timeout_s)
     beat = asyncio.create_task(_heartbeat(runtime, visibility))
     log.info(
         "worker_started",
@@ -372,8 +368,7 @@ def run_sqs_worker(settings: Settings) -> None:
     poller finishes the batch it is running and exits (within ``SQS_WAIT_S`` when idle)."""
     runtime = _worker_runtime(settings)
     pollers = max(1, min(settings.worker_concurrency, 8))
-    batch = max(1, min(int(os.environ.get("SQS_BATCH_SIZE", "1")), 10))
-    wait_s = max(1, min(int(os.environ.get("SQS_WAIT_S", "5")), 20))
+    batch, wait_s = settings.sqs_batch_size, settings.sqs_wait_s
     try:
         runtime.loop.run_until_complete(_serve(runtime, pollers, batch, wait_s))
     finally:

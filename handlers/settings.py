@@ -114,6 +114,17 @@ class Settings:
     sse_window_s: float = 0.0
     """> 0 where the platform buffers responses (Lambda): the stream ends after this long."""
     sse_heartbeat_s: float = 15.0
+    worker_grace_s: float = 25.0
+    """SIGTERM: how long running jobs may finish before they are handed back."""
+    redis_max_connections: int = 128
+    saq_heartbeat_s: float = 20.0
+    saq_sweep_s: float = 10.0
+    saq_timeout_margin_s: float = 60.0
+    sqs_visibility_timeout_s: int = 0
+    """Dev worker only; 0 = the queue's own visibility timeout."""
+    sqs_batch_size: int = 1
+    sqs_wait_s: int = 5
+    sqs_retry_delay_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
@@ -212,6 +223,15 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_000_000, 1024, 100_000_000),
             sse_window_s=_float(env, "SSE_WINDOW_S", 0.0, 0.0, 28.0),
             sse_heartbeat_s=_float(env, "SSE_HEARTBEAT_S", 15.0, 0.05, 300.0),
+            worker_grace_s=_float(env, "WORKER_GRACE_S", 25.0, 0.0, 3600.0),
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 100_000),
+            saq_heartbeat_s=_float(env, "SAQ_HEARTBEAT_S", 20.0, 0.2, 600.0),
+            saq_sweep_s=_float(env, "SAQ_SWEEP_S", 10.0, 0.2, 600.0),
+            saq_timeout_margin_s=_float(env, "SAQ_TIMEOUT_MARGIN_S", 60.0, 1.0, 3600.0),
+            sqs_visibility_timeout_s=_int(env, "SQS_VISIBILITY_TIMEOUT_S", 0, 0, 43200),
+            sqs_batch_size=_int(env, "SQS_BATCH_SIZE", 1, 1, 10),
+            sqs_wait_s=_int(env, "SQS_WAIT_S", 5, 1, 20),
+            sqs_retry_delay_s=_float(env, "SQS_RETRY_DELAY_S", 10.0, 0.0, 900.0),
             host=env.get("HOST", "127.0.0.1").strip() or "127.0.0.1",
             port=_int(env, "PORT", 8000, 1, 65535),
             log_level=log_level,
