@@ -12,8 +12,8 @@ import json
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from adapters.constants import ACTIVE_STATUSES, QUEUED, STATUSES
@@ -60,16 +60,22 @@ class Job:
     idempotency_key: str | None = None
 
     def to_dict(self) -> JSON:
-        return asdict(self)
+        """A shallow dict of the fields: nested values are shared with the job, not
+        copied (``dataclasses.asdict`` deep-copies the request and the whole dossier;
+        every caller serialises the dict right away)."""
+        return {name: getattr(self, name) for name in _JOB_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Job:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in _JOB_FIELD_SET})
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
+_JOB_FIELD_SET = frozenset(_JOB_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,27 @@ def check_artifact_name(name: str) -> str:
     return name
 
 
+def _check_changes(changes: JSON) -> None:
+    """Only Job fields other than ``id`` change; stamps ``updated_at`` (unless given:
+    a writer that predicts the stored job passes the stamp it predicted)."""
+    unknown = set(changes) - _JOB_FIELD_SET - {"id"}
+    if unknown or "id" in changes:
+        raise ValueError(f"cannot update fields {sorted(unknown | {'id'} & set(changes))}")
+    changes.setdefault("updated_at", time.time())
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The writes of :meth:`JobStore.commit`, validated, for a backend's ``_commit``."""
+
+    expect: frozenset[str] | None
+    changes: JSON
+    events: tuple[tuple[str, JSON], ...] = ()
+    artifacts: tuple[Artifact, ...] = ()
+    cache: tuple[tuple[str, Artifact], ...] = ()
+    traces: tuple[JSON, ...] = ()
+
+
 class JobStore(ABC):
     """Jobs, artifacts, step cache, per-job event log and LLM trace.
 
@@ -132,27 +159,40 @@ class JobStore(ABC):
 
     # -- jobs -------------------------------------------------------------
 
-    async def create(self, job: Job) -> tuple[Job, bool]:
-        """Store a new job. With ``job.idempotency_key`` set, a second create by the
-        same tenant within 24 h returns ``(existing_job, False)`` instead."""
+    async def create(
+        self, job: Job, *, events: Sequence[tuple[str, JSON]] = ()
+    ) -> tuple[Job, bool]:
+        """Store a new job, and append ``events`` to its log if (and only if) it was
+        created: atomically where the backend can. With ``job.idempotency_key``
+        set, a second create by the same tenant within 24 h returns
+        ``(existing_job, False)`` instead."""
         if job.status not in STATUSES:
             raise ValueError(job.status)
-        return await self._create(job)
+        if not events:
+            return await self._create(job)
+        return await self._create_with_events(job, tuple(events))
 
     async def get(self, job_id: str) -> Job | None:
         return await self._get(job_id)
 
     async def update(
-        self, job_id: str, expect: Iterable[str] | None = None, **changes: Any
+        self,
+        job_id: str,
+        expect: Iterable[str] | None = None,
+        *,
+        events: Sequence[tuple[str, JSON]] = (),
+        **changes: Any,
     ) -> Job | None:
         """Apply ``changes`` if the job exists and its status is in ``expect``
-        (any status when ``None``). Returns the new job, or ``None`` when the
-        condition failed or the job is unknown."""
-        unknown = set(changes) - {f.name for f in fields(Job)} - {"id"}
-        if unknown or "id" in changes:
-            raise ValueError(f"cannot update fields {sorted(unknown | {'id'} & set(changes))}")
-        changes["updated_at"] = time.time()
-        return await self._update(job_id, frozenset(expect) if expect is not None else None, changes)
+        (any status when ``None``), then append ``events`` (``(type, data)`` pairs)
+        if and only if the change held: in one atomic step where the backend can.
+        Returns the new job, or ``None`` when the condition failed or the job is
+        unknown."""
+        _check_changes(changes)
+        expected = frozenset(expect) if expect is not None else None
+        if not events:
+            return await self._update(job_id, expected, changes)
+        return await self._update_with_events(job_id, expected, changes, tuple(events))
 
     async def delete(self, job_id: str) -> None:
         """Remove a job and everything it owns (used when enqueueing failed)."""
@@ -192,6 +232,12 @@ class JobStore(ABC):
     async def cache_get(self, key: str) -> Artifact | None:
         return await self._cache_get(key)
 
+    async def cache_get_many(self, keys: Sequence[str]) -> list[Artifact | None]:
+        """``cache_get`` of each key, in order: one round trip where the backend can."""
+        if not keys:
+            return []
+        return await self._cache_get_many(list(keys))
+
     async def cache_put(self, key: str, artifact: Artifact) -> None:
         await self._cache_put(key, artifact)
 
@@ -221,6 +267,50 @@ class JobStore(ABC):
 
     async def cancel_requested(self, job_id: str) -> bool:
         return await self._cancel_requested(job_id)
+
+    async def cancel_requested_many(self, job_ids: Collection[str]) -> set[str]:
+        """Which of ``job_ids`` have their cancel flag up: one round trip where the
+        backend can, so one poller can watch every job a worker runs."""
+        if not job_ids:
+            return set()
+        return await self._cancel_requested_many(list(job_ids))
+
+    # -- batched writes ---------------------------------------------------
+
+    async def commit(
+        self,
+        job_id: str,
+        *,
+        expect: Iterable[str] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        events: Sequence[tuple[str, JSON]] = (),
+        artifacts: Sequence[Artifact] = (),
+        cache: Sequence[tuple[str, Artifact]] = (),
+        traces: Sequence[JSON] = (),
+    ) -> bool:
+        """Write what a step produced together, in one round trip where the backend
+        can, in this order: ``artifacts`` of the job, step ``cache`` entries
+        (key, artifact) and ``traces`` records unconditionally; then the job
+        ``changes`` as :meth:`update` does (compare-and-set on ``expect``) and,
+        only if that held, ``events``. Returns whether the update held.
+
+        The order makes artifacts checkpoints: a job never counts a step done whose
+        artifact is not stored yet."""
+        for artifact in artifacts:
+            check_artifact_name(artifact.name)
+        for _, artifact in cache:
+            check_artifact_name(artifact.name)
+        fields = dict(changes or {})
+        _check_changes(fields)
+        batch = Commit(
+            expect=frozenset(expect) if expect is not None else None,
+            changes=fields,
+            events=tuple(events),
+            artifacts=tuple(artifacts),
+            cache=tuple(cache),
+            traces=tuple(traces),
+        )
+        return await self._commit(job_id, batch)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -276,6 +366,47 @@ class JobStore(ABC):
     async def _request_cancel(self, job_id: str) -> None: ...
     @abstractmethod
     async def _cancel_requested(self, job_id: str) -> bool: ...
+
+    # Hooks with a default built from the ones above; backends override them to
+    # save round trips (and to make the event appends atomic with the update).
+
+    async def _create_with_events(
+        self, job: Job, events: tuple[tuple[str, JSON], ...]
+    ) -> tuple[Job, bool]:
+        stored, created = await self._create(job)
+        if created:
+            for type, data in events:
+                await self._append_event(job.id, type, data)
+        return stored, created
+
+    async def _update_with_events(
+        self,
+        job_id: str,
+        expect: frozenset[str] | None,
+        changes: JSON,
+        events: tuple[tuple[str, JSON], ...],
+    ) -> Job | None:
+        job = await self._update(job_id, expect, changes)
+        if job is not None:
+            for type, data in events:
+                await self._append_event(job_id, type, data)
+        return job
+
+    async def _commit(self, job_id: str, batch: Commit) -> bool:
+        for artifact in batch.artifacts:
+            await self._put_artifact(job_id, artifact)
+        for key, artifact in batch.cache:
+            await self._cache_put(key, artifact)
+        for record in batch.traces:
+            await self._add_trace(job_id, record)
+        job = await self._update_with_events(job_id, batch.expect, batch.changes, batch.events)
+        return job is not None
+
+    async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
+        return [await self._cache_get(key) for key in keys]
+
+    async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
+        return {job_id for job_id in job_ids if await self._cancel_requested(job_id)}
 
 
 class Queue(ABC):

@@ -38,11 +38,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.constants import (
@@ -59,7 +61,7 @@ from adapters.constants import (
     STATUSES,
     TRACE_KEY,
 )
-from adapters.ports import JSON, Artifact, Event, Job, JobStore, StoreUnavailable
+from adapters.ports import JSON, Artifact, Commit, Event, Job, JobStore, StoreUnavailable
 
 log = structlog.get_logger("jobq.store")
 
@@ -77,9 +79,13 @@ _RAW_FIELDS = frozenset({"status", "tenant"})
 _STATUS_LIST = "{" + ",".join(f"'{s}'" for s in STATUSES) + "}"
 
 _CREATE = """
-local job_key, idem_key = KEYS[1], KEYS[2]
+-- KEYS: job, idempotency key (or ''), event counter, event stream
+-- ARGV: prefix, id, tenant, status, created, ttl, idem_ttl, n_events,
+--       (type, data)..., then the job's (field, value) pairs
+local job_key, idem_key, seq_key, ev_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, id, tenant, status, created = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl, idem_ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl, idem_ttl, n_events = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local fields_at = 9 + 2 * n_events
 if idem_key ~= '' then
   local existing = redis.call('GET', idem_key)
   if existing and redis.call('EXISTS', prefix .. ':job:' .. existing) == 1 then
@@ -90,8 +96,16 @@ end
 if redis.call('EXISTS', job_key) == 1 then
   return redis.error_reply('job ' .. id .. ' exists')
 end
-redis.call('HSET', job_key, unpack(ARGV, 8))
+redis.call('HSET', job_key, unpack(ARGV, fields_at))
 redis.call('EXPIRE', job_key, ttl)
+for j = 9, fields_at - 1, 2 do
+  local n = redis.call('INCR', seq_key)
+  redis.call('XADD', ev_key, n .. '-0', 'type', ARGV[j], 'data', ARGV[j + 1])
+end
+if n_events > 0 then
+  redis.call('EXPIRE', seq_key, ttl)
+  redis.call('EXPIRE', ev_key, ttl)
+end
 local idx = prefix .. ':index:'
 redis.call('ZADD', idx .. 'all', created, id)
 redis.call('ZADD', idx .. 'status:' .. status, created, id)
@@ -101,25 +115,49 @@ redis.call('HSET', idx .. 'owner', id, tenant)
 return false
 """
 
-_UPDATE = """
-local job_key = KEYS[1]
-local prefix, id, ttl, n_expect = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+_COMMIT = """
+-- KEYS: the job's keys (see _job_keys), then one key per step cache entry.
+-- ARGV: prefix, id, ttl, want_job, n_expect (-1: any), expected..., n_changes,
+--       (field, value)..., n_events, (type, data)..., n_artifacts, (name, doc)...,
+--       n_cache, doc..., n_traces, record...
+local job_key, art_key, ev_key, seq_key, trace_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, id, ttl, want_job = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local i = 5
+local n_expect = tonumber(ARGV[i]); i = i + 1
+local expected = {}
+if n_expect > 0 then
+  for j = i, i + n_expect - 1 do expected[ARGV[j]] = true end
+  i = i + n_expect
+end
+local n_changes = tonumber(ARGV[i]); i = i + 1
+local changes_at = i; i = i + 2 * n_changes
+local n_events = tonumber(ARGV[i]); i = i + 1
+local events_at = i; i = i + 2 * n_events
+local n_artifacts = tonumber(ARGV[i]); i = i + 1
+for j = i, i + 2 * n_artifacts - 1, 2 do
+  local seq = redis.call('HINCRBY', art_key, '#seq', 1)
+  redis.call('HSET', art_key, ARGV[j], seq .. ' ' .. ARGV[j + 1])
+end
+if n_artifacts > 0 then redis.call('EXPIRE', art_key, ttl) end
+i = i + 2 * n_artifacts
+local n_cache = tonumber(ARGV[i]); i = i + 1
+for j = 1, n_cache do
+  redis.call('SET', KEYS[6 + j], ARGV[i + j - 1], 'EX', ttl)
+end
+i = i + n_cache
+local n_traces = tonumber(ARGV[i]); i = i + 1
+if n_traces > 0 then
+  redis.call('RPUSH', trace_key, unpack(ARGV, i, i + n_traces - 1))
+  redis.call('EXPIRE', trace_key, ttl)
+end
 local current = redis.call('HGET', job_key, 'status')
 if not current then return false end
-local first = 5
-if n_expect >= 0 then
-  local ok = false
-  for i = 5, 4 + n_expect do
-    if ARGV[i] == current then ok = true end
-  end
-  if not ok then return false end
-  first = 5 + n_expect
-end
+if n_expect >= 0 and not expected[current] then return false end
 local changes, new_status = {}, nil
-for i = first, #ARGV, 2 do
-  changes[#changes + 1] = ARGV[i]
-  changes[#changes + 1] = ARGV[i + 1]
-  if ARGV[i] == 'status' then new_status = ARGV[i + 1] end
+for j = changes_at, changes_at + 2 * n_changes - 1, 2 do
+  changes[#changes + 1] = ARGV[j]
+  changes[#changes + 1] = ARGV[j + 1]
+  if ARGV[j] == 'status' then new_status = ARGV[j + 1] end
 end
 if #changes > 0 then redis.call('HSET', job_key, unpack(changes)) end
 if new_status and new_status ~= current then
@@ -131,8 +169,13 @@ if new_status and new_status ~= current then
   redis.call('ZREM', idx .. 'tstatus:' .. current .. ':' .. tenant, id)
   redis.call('ZADD', idx .. 'tstatus:' .. new_status .. ':' .. tenant, created, id)
 end
-for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
-return redis.call('HGETALL', job_key)
+for j = events_at, events_at + 2 * n_events - 1, 2 do
+  local n = redis.call('INCR', seq_key)
+  redis.call('XADD', ev_key, n .. '-0', 'type', ARGV[j], 'data', ARGV[j + 1])
+end
+for j = 1, 6 do redis.call('EXPIRE', KEYS[j], ttl) end
+if want_job == '1' then return redis.call('HGETALL', job_key) end
+return 1
 """
 
 _DELETE = """
@@ -225,9 +268,15 @@ def redis_client(
     return aioredis.Redis.from_pool(pool)
 
 
-def _encode_job(job: Job) -> dict[str, str]:
+def _dumps(value: Any) -> bytes:
+    """JSON for Redis values: msgspec encodes several times faster than ``json.dumps``
+    and writes what ``json.loads`` reads back the same."""
+    return msgspec.json.encode(value)
+
+
+def _encode_job(job: Job) -> dict[str, str | bytes]:
     return {
-        name: value if name in _RAW_FIELDS else json.dumps(value) for name, value in job.to_dict().items()
+        name: value if name in _RAW_FIELDS else _dumps(value) for name, value in job.to_dict().items()
     }
 
 
@@ -240,8 +289,11 @@ def _decode_job(raw: dict[bytes, bytes] | dict[str, str] | list[Any]) -> Job | N
     for key, value in raw.items():
         name = key.decode() if isinstance(key, bytes) else key
         text = value.decode() if isinstance(value, bytes) else value
-        data[name] = text if name in _RAW_FIELDS else json.loads(text)
+        data[name] = text if name in _RAW_FIELDS else _loads(text)
     return Job.from_dict(data)
+
+
+_loads = msgspec.json.Decoder().decode
 
 
 def _text(value: bytes | str) -> str:
@@ -251,6 +303,55 @@ def _text(value: bytes | str) -> str:
 def _members(rows: Any) -> list[tuple[str, float]]:
     """``ZRANGE ... WITHSCORES`` rows as (member, score)."""
     return [(_text(member), float(score)) for member, score in rows]
+
+
+class _AutoPipeline:
+    """Commands issued in the same event-loop turn, by any task, go to Redis as one
+    pipeline (one connection checkout, one write, one read of all replies), so a
+    worker running many jobs pays the client's per-command overhead once per turn
+    instead of once per command. Each command keeps its own reply or error; none is
+    atomic with another (each commit is one atomic script already)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self._send_pending)
+        self.pending.append((args, reply))
+        return reply
+
+    def _send_pending(self) -> None:
+        batch = [(args, reply) for args, reply in self.pending if not reply.done()]
+        self.pending = []
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            async with asyncio.timeout(OP_TIMEOUT_S):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.execute_command(*args)
+                    replies = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # every caller sees it (as StoreUnavailable via _op)
+            for _, reply in batch:
+                if not reply.done():
+                    reply.set_exception(exc)
+            return
+        for (_, reply), value in zip(batch, replies, strict=True):
+            if reply.done():
+                continue  # its caller gave up (cancelled); the command ran anyway
+            if isinstance(value, Exception):
+                reply.set_exception(value)
+            else:
+                reply.set_result(value)
 
 
 class RedisStore(JobStore):
@@ -274,7 +375,8 @@ class RedisStore(JobStore):
             url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2
         )
         self._create_script = self._redis.register_script(_CREATE)
-        self._update_script = self._redis.register_script(_UPDATE)
+        self._commit_script = self._redis.register_script(_COMMIT)
+        self._auto = _AutoPipeline(self._redis)
         self._delete_script = self._redis.register_script(_DELETE)
         self._prune_script = self._redis.register_script(_PRUNE)
         self._put_artifact_script = self._redis.register_script(_PUT_ARTIFACT)
@@ -346,9 +448,14 @@ class RedisStore(JobStore):
     # -- jobs ---------------------------------------------------------------
 
     async def _create(self, job: Job) -> tuple[Job, bool]:
+        return await self._create_with_events(job, ())
+
+    async def _create_with_events(
+        self, job: Job, events: tuple[tuple[str, JSON], ...]
+    ) -> tuple[Job, bool]:
         fields = _encode_job(job)
         idem_key = self._idem_key(job.tenant, job.idempotency_key) if job.idempotency_key else ""
-        args: list[str | float | int] = [
+        args: list[str | float | int | bytes] = [
             self.prefix,
             job.id,
             job.tenant,
@@ -356,35 +463,91 @@ class RedisStore(JobStore):
             repr(job.created_at),
             self.ttl_s,
             IDEMPOTENCY_TTL_S,
+            len(events),
         ]
+        for type, data in events:
+            args += [type, _dumps(data)]
         for name, value in fields.items():
             args += [name, value]
+        keys = [
+            self._key(JOB_KEY, job.id),
+            idem_key,
+            self._key("evseq", job.id),
+            self._key(EVENTS_KEY, job.id),
+        ]
         async with self._op():
-            existing = await self._create_script(keys=[self._key(JOB_KEY, job.id), idem_key], args=args)
+            try:
+                existing = await self._auto.submit(
+                    "EVALSHA", self._create_script.sha, len(keys), *keys, *args
+                )
+            except NoScriptError:  # a restarted Redis forgot it: load it and run again
+                existing = await self._create_script(keys=keys, args=args)
             if existing:
                 found = await self._get(_text(existing))
                 if found is not None:
                     return found, False
                 # The first job vanished between the script and this read: create anew.
-                return await self._create(job)
+                return await self._create_with_events(job, events)
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
         async with self._op():
-            raw = await self._redis.hgetall(self._key(JOB_KEY, job_id))
+            raw = await self._auto.submit("HGETALL", self._key(JOB_KEY, job_id))
         return _decode_job(cast(dict[bytes, bytes], raw))
 
     async def _update(self, job_id: str, expect: frozenset[str] | None, changes: JSON) -> Job | None:
-        args: list[str | int] = [self.prefix, job_id, self.ttl_s]
-        if expect is None:
+        return await self._update_with_events(job_id, expect, changes, ())
+
+    async def _update_with_events(
+        self,
+        job_id: str,
+        expect: frozenset[str] | None,
+        changes: JSON,
+        events: tuple[tuple[str, JSON], ...],
+    ) -> Job | None:
+        raw = await self._run_commit(job_id, Commit(expect, changes, events), want_job=True)
+        return _decode_job(cast(list[Any], raw)) if raw else None
+
+    async def _commit(self, job_id: str, batch: Commit) -> bool:
+        return bool(await self._run_commit(job_id, batch, want_job=False))
+
+    async def _run_commit(self, job_id: str, batch: Commit, *, want_job: bool) -> Any:
+        """One EVALSHA: artifacts, cache entries and trace records, then the
+        compare-and-set update with its events (see ``_COMMIT``)."""
+        args: list[str | int | bytes] = [self.prefix, job_id, self.ttl_s, "1" if want_job else "0"]
+        if batch.expect is None:
             args.append(-1)
         else:
-            args += [len(expect), *sorted(expect)]
-        for name, value in changes.items():
-            args += [name, value if name in _RAW_FIELDS else json.dumps(value)]
+            args += [len(batch.expect), *sorted(batch.expect)]
+        args.append(len(batch.changes))
+        for name, value in batch.changes.items():
+            args += [name, value if name in _RAW_FIELDS else _dumps(value)]
+        args.append(len(batch.events))
+        for type, data in batch.events:
+            args += [type, _dumps(data)]
+        docs: dict[int, bytes] = {}  # an artifact also cached is encoded once
+
+        def doc(artifact: Artifact) -> bytes:
+            found = docs.get(id(artifact))
+            if found is None:
+                found = docs[id(artifact)] = _dumps(artifact.to_dict())
+            return found
+
+        args.append(len(batch.artifacts))
+        for artifact in batch.artifacts:
+            args += [artifact.name, doc(artifact)]
+        args.append(len(batch.cache))
+        args += [doc(artifact) for _, artifact in batch.cache]
+        args.append(len(batch.traces))
+        args += [_dumps(record) for record in batch.traces]
+        keys = [*self._job_keys(job_id), *(self._key(CACHE_KEY, key) for key, _ in batch.cache)]
         async with self._op():
-            raw = await self._update_script(keys=self._job_keys(job_id), args=args)
-        return _decode_job(cast(list[Any], raw)) if raw else None
+            try:
+                return await self._auto.submit(
+                    "EVALSHA", self._commit_script.sha, len(keys), *keys, *args
+                )
+            except NoScriptError:  # a restarted Redis forgot it: load it and run again
+                return await self._commit_script(keys=keys, args=args)
 
     async def _delete(self, job_id: str) -> None:
         job = await self._get(job_id)
@@ -493,7 +656,7 @@ class RedisStore(JobStore):
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
         async with self._op():
-            raw = await self._redis.hgetall(self._key(ARTIFACT_KEY, job_id))
+            raw = await self._auto.submit("HGETALL", self._key(ARTIFACT_KEY, job_id))
         entries: list[tuple[int, Artifact]] = []
         for name, value in cast(dict[bytes, bytes], raw).items():
             if name == b"#seq":
@@ -506,6 +669,13 @@ class RedisStore(JobStore):
         async with self._op():
             raw = await self._redis.getex(self._key(CACHE_KEY, key), ex=self.ttl_s)
         return Artifact.from_dict(json.loads(raw)) if raw else None
+
+    async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
+        async with self._op():
+            raws = await asyncio.gather(
+                *(self._auto.submit("GETEX", self._key(CACHE_KEY, key), "EX", self.ttl_s) for key in keys)
+            )
+        return [Artifact.from_dict(_loads(raw)) if raw else None for raw in raws]
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
         async with self._op():
@@ -561,4 +731,9 @@ class RedisStore(JobStore):
 
     async def _cancel_requested(self, job_id: str) -> bool:
         async with self._op():
-            return bool(await self._redis.exists(self._key(CANCEL_KEY, job_id)))
+            return bool(await self._auto.submit("EXISTS", self._key(CANCEL_KEY, job_id)))
+
+    async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
+        async with self._op():
+            flags = await self._redis.mget([self._key(CANCEL_KEY, job_id) for job_id in job_ids])
+        return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag is not None}

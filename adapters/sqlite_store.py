@@ -18,6 +18,7 @@ from adapters.constants import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S
 from adapters.ports import (
     JSON,
     Artifact,
+    Commit,
     Event,
     Job,
     JobStore,
@@ -117,6 +118,11 @@ class SqliteStore(JobStore):
     # -- jobs -------------------------------------------------------------
 
     async def _create(self, job: Job) -> tuple[Job, bool]:
+        return await self._create_with_events(job, ())
+
+    async def _create_with_events(
+        self, job: Job, events: tuple[tuple[str, JSON], ...]
+    ) -> tuple[Job, bool]:
         async with self._lock:
             if job.idempotency_key:
                 async with self.db.execute(
@@ -136,7 +142,11 @@ class SqliteStore(JobStore):
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
                 (job.id, job.tenant, job.status, job.created_at, json.dumps(job.to_dict())),
             )
+            if events:
+                await self._insert_events(job.id, events)
             await self.db.commit()
+        if events:
+            await self._notify(job.id)
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
@@ -147,16 +157,58 @@ class SqliteStore(JobStore):
     async def _update(
         self, job_id: str, expect: frozenset[str] | None, changes: JSON
     ) -> Job | None:
+        return await self._update_with_events(job_id, expect, changes, ())
+
+    async def _update_with_events(
+        self,
+        job_id: str,
+        expect: frozenset[str] | None,
+        changes: JSON,
+        events: tuple[tuple[str, JSON], ...],
+    ) -> Job | None:
         async with self._lock:
-            job = await self._get(job_id)
-            if job is None or (expect is not None and job.status not in expect):
-                return None
-            updated = Job.from_dict({**job.to_dict(), **changes})
-            await self.db.execute(
-                "UPDATE jobs SET status=?, doc=? WHERE id=?",
-                (updated.status, json.dumps(updated.to_dict()), job_id),
-            )
+            updated = await self._apply_update(job_id, expect, changes)
+            if updated is not None and events:
+                await self._insert_events(job_id, events)
             await self.db.commit()
+        if updated is not None and events:
+            await self._notify(job_id)
+        return updated
+
+    async def _commit(self, job_id: str, batch: Commit) -> bool:
+        """One transaction for the whole batch."""
+        async with self._lock:
+            for artifact in batch.artifacts:
+                await self._insert_artifact(job_id, artifact)
+            for key, artifact in batch.cache:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO cache VALUES (?, ?)", (key, json.dumps(artifact.to_dict()))
+                )
+            if batch.traces:
+                await self.db.executemany(
+                    "INSERT INTO trace (job_id, doc) VALUES (?, ?)",
+                    [(job_id, json.dumps(record)) for record in batch.traces],
+                )
+            updated = await self._apply_update(job_id, batch.expect, batch.changes)
+            if updated is not None and batch.events:
+                await self._insert_events(job_id, batch.events)
+            await self.db.commit()
+        if updated is not None and batch.events:
+            await self._notify(job_id)
+        return updated is not None
+
+    async def _apply_update(
+        self, job_id: str, expect: frozenset[str] | None, changes: JSON
+    ) -> Job | None:
+        """The compare-and-set, inside the caller's lock and transaction."""
+        job = await self._get(job_id)
+        if job is None or (expect is not None and job.status not in expect):
+            return None
+        updated = Job.from_dict({**job.to_dict(), **changes})
+        await self.db.execute(
+            "UPDATE jobs SET status=?, doc=? WHERE id=?",
+            (updated.status, json.dumps(updated.to_dict()), job_id),
+        )
         return updated
 
     async def _delete(self, job_id: str) -> None:
@@ -216,12 +268,15 @@ class SqliteStore(JobStore):
 
     async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
         async with self._lock:
-            await self.db.execute(
-                "INSERT OR REPLACE INTO artifacts VALUES (?, ?, "
-                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM artifacts WHERE job_id=?), ?)",
-                (job_id, artifact.name, job_id, json.dumps(artifact.to_dict())),
-            )
+            await self._insert_artifact(job_id, artifact)
             await self.db.commit()
+
+    async def _insert_artifact(self, job_id: str, artifact: Artifact) -> None:
+        await self.db.execute(
+            "INSERT OR REPLACE INTO artifacts VALUES (?, ?, "
+            "(SELECT COALESCE(MAX(seq), 0) + 1 FROM artifacts WHERE job_id=?), ?)",
+            (job_id, artifact.name, job_id, json.dumps(artifact.to_dict())),
+        )
 
     async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
         async with self.db.execute(
@@ -241,6 +296,18 @@ class SqliteStore(JobStore):
             row = await cur.fetchone()
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
+    async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
+        found: dict[str, Artifact] = {}
+        for start in range(0, len(keys), 500):  # SQLite caps bound parameters
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self.db.execute(
+                f"SELECT key, doc FROM cache WHERE key IN ({marks})", chunk
+            ) as cur:
+                for key, doc in await cur.fetchall():
+                    found[key] = Artifact.from_dict(json.loads(doc))
+        return [found.get(key) for key in keys]
+
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
         async with self._lock:
             await self.db.execute(
@@ -258,20 +325,31 @@ class SqliteStore(JobStore):
 
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
         async with self._lock:
-            async with self.db.execute(
-                "SELECT COALESCE(MAX(id), 0) + 1 FROM events WHERE job_id=?", (job_id,)
-            ) as cur:
-                row = await cur.fetchone()
-            event_id = int(row[0]) if row else 1
-            await self.db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?)",
-                (job_id, event_id, type, json.dumps(data)),
-            )
+            (event,) = await self._insert_events(job_id, ((type, data),))
             await self.db.commit()
+        await self._notify(job_id)
+        return event
+
+    async def _insert_events(
+        self, job_id: str, events: tuple[tuple[str, JSON], ...]
+    ) -> list[Event]:
+        """Append with the next ids of this job, inside the caller's lock and transaction."""
+        async with self.db.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM events WHERE job_id=?", (job_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        last = int(row[0]) if row else 0
+        appended = [Event(last + n, type, data) for n, (type, data) in enumerate(events, 1)]
+        await self.db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?)",
+            [(job_id, e.id, e.type, json.dumps(e.data)) for e in appended],
+        )
+        return appended
+
+    async def _notify(self, job_id: str) -> None:
         cond = self._condition(job_id)
         async with cond:
             cond.notify_all()
-        return Event(event_id, type, data)
 
     async def _fetch_events(self, job_id: str, after: int) -> list[Event]:
         async with self.db.execute(
@@ -290,7 +368,8 @@ class SqliteStore(JobStore):
             if events:
                 return events
             try:
-                await asyncio.wait_for(cond.wait(), wait_s)
+                async with asyncio.timeout(wait_s):  # not wait_for: it can swallow a cancel
+                    await cond.wait()
             except TimeoutError:
                 return []
         return await self._fetch_events(job_id, after)
@@ -319,3 +398,14 @@ class SqliteStore(JobStore):
     async def _cancel_requested(self, job_id: str) -> bool:
         async with self.db.execute("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) as cur:
             return await cur.fetchone() is not None
+
+    async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(job_ids), 500):  # SQLite caps bound parameters
+            chunk = job_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self.db.execute(
+                f"SELECT job_id FROM cancels WHERE job_id IN ({marks})", chunk
+            ) as cur:
+                found.update(row[0] for row in await cur.fetchall())
+        return found

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -32,6 +33,12 @@ class StepCall:
     """Input artifacts of the step: artifact name -> data."""
     deadline: float
     """Epoch seconds; no attempt or retry wait may run past it."""
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    """Artifact name -> content hash of ``inputs``, when known (prompt rendering reuses
+    the text of an artifact it has rendered before)."""
+    trace: Callable[[JSON], None] | None = None
+    """Where trace records go; ``None`` writes each to the store at once. The runner
+    collects them and stores them with the step's artifact, in one round trip."""
 
 
 class _InvalidAnswer(Exception):
@@ -62,24 +69,26 @@ def cost_usd(config: PipelineConfig, model: str, prompt: int, completion: int) -
 
 async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
     """Trace a step served from the cache: no call, no tokens."""
+    await deps.store.add_trace(job_id, cache_hit_record(deps, step))
+
+
+def cache_hit_record(deps: Deps, step: str) -> JSON:
+    """The trace record of a step served from the cache."""
     model = deps.config.model_for(step)
-    await deps.store.add_trace(
-        job_id,
-        {
-            "step": step,
-            "provider": deps.llm.name,
-            "model": model,
-            "attempt": 0,
-            "kind": "cache",
-            "cache_hit": True,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "duration_ms": 0,
-            "outcome": "ok",
-            "cost_usd": cost_usd(deps.config, model, 0, 0),
-            "ts": now_ms(),
-        },
-    )
+    return {
+        "step": step,
+        "provider": deps.llm.name,
+        "model": model,
+        "attempt": 0,
+        "kind": "cache",
+        "cache_hit": True,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "duration_ms": 0,
+        "outcome": "ok",
+        "cost_usd": cost_usd(deps.config, model, 0, 0),
+        "ts": now_ms(),
+    }
 
 
 class _Caller:
@@ -107,7 +116,10 @@ class _Caller:
             "ts": now_ms(),
             **extra,
         }
-        await self.deps.store.add_trace(self.call.job_id, record)
+        if self.call.trace is not None:
+            self.call.trace(record)
+        else:
+            await self.deps.store.add_trace(self.call.job_id, record)
 
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """One provider call and validation of its answer."""
@@ -184,7 +196,7 @@ class _Caller:
 async def call_llm_step(deps: Deps, call: StepCall) -> dict[str, Any]:
     """Validated output of one LLM step, or :class:`LLMError` (``code`` says why)."""
     schema = json_schema(call.step)
-    system, prompt = render(call.step, call.language, call.inputs, schema)
+    system, prompt = render(call.step, call.language, call.inputs, schema, call.input_hashes)
     request = LLMRequest(
         step=call.step,
         model=deps.config.model_for(call.step),

@@ -15,6 +15,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
+from functools import lru_cache
 from typing import Any
 
 from adapters.ports import LLMError, LLMReply, LLMRequest
@@ -67,9 +68,15 @@ _T = {
 
 
 def _topics(text: str, limit: int = 5) -> list[str]:
+    return list(_ranked_words(text, limit))
+
+
+@lru_cache(maxsize=256)
+def _ranked_words(text: str, limit: int) -> tuple[str, ...]:
+    """Every step of a job reads the same pitch: rank its words once per process."""
     words = [w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP]
     ranked = [w for w, _ in Counter(words).most_common()]
-    return ranked[:limit] or ["market"]
+    return tuple(ranked[:limit] or ["market"])
 
 
 def _sentences(text: str, limit: int) -> list[str]:

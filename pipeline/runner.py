@@ -16,7 +16,8 @@ import contextlib
 import heapq
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -34,7 +35,7 @@ from adapters.constants import (
     RUNNING,
     TERMINAL_STATUSES,
 )
-from adapters.ports import JSON, Artifact, Job, LLMError, StoreUnavailable
+from adapters.ports import JSON, Artifact, Job, JobStore, LLMError, StoreUnavailable
 from pipeline.deps import Deps
 from pipeline.graph import (
     FINAL_STEP,
@@ -48,7 +49,7 @@ from pipeline.graph import (
     remaining_chain,
 )
 from pipeline.hashing import cache_key, make_artifact, verify_artifact
-from pipeline.llm_call import StepCall, call_llm_step, record_cache_hit
+from pipeline.llm_call import StepCall, cache_hit_record, call_llm_step
 from pipeline.prompts import prompt_version
 from pipeline.request import JobRequest, RequestInvalid
 from pipeline.steps import assemble_dossier, build_pitch
@@ -64,6 +65,14 @@ PENDING, STEP_RUNNING, STEP_COMPLETED, STEP_CACHED, STEP_FAILED = (
     "cached",
     "failed",
 )
+
+
+START_MARK_DELAY_S = 0.5
+"""How long a step's "running" mark (its ``status`` event and steps state) may wait
+in the write buffer for the write that ends the step. Steps faster than this cost
+one store round trip instead of two; a slower one shows as running after this."""
+INTERRUPTED_FLUSH_S = 2.0
+"""On worker shutdown, the longest a delivery tries to store what it buffered."""
 
 
 class StepFailed(Exception):
@@ -90,21 +99,26 @@ async def _stop(*tasks: asyncio.Task[Any]) -> None:
 
 
 async def _end(
-    deps: Deps, job_id: str, status: str, error: JSON, expect: frozenset[str], **changes: Any
+    deps: Deps, job: Job, status: str, error: JSON, expect: frozenset[str], **changes: Any
 ) -> Job | None:
-    """Move a job to ``failed``/``cancelled`` and publish ``status``, ``error``, ``done``."""
-    store = deps.store
-    job = await store.update(
-        job_id, expect=expect, status=status, error=error, completed_at=time.time(), **changes
+    """Move ``job`` (as last read or written) to ``failed``/``cancelled`` and publish
+    ``status``, ``error``, ``done`` with the same store write."""
+    now = time.time()
+    ended = replace(job, status=status, error=error, completed_at=now, **changes)
+    events = [
+        (EV_STATUS, status_event(ended)),
+        (EV_ERROR, error),
+        (EV_DONE, {"status": status}),
+    ]
+    stored = await deps.store.update(
+        job.id, expect=expect, events=events, status=status, error=error, completed_at=now,
+        **changes,
     )
-    if job is None:
-        return await store.get(job_id)
-    await store.append_event(job_id, EV_STATUS, status_event(job))
-    await store.append_event(job_id, EV_ERROR, error)
-    await store.append_event(job_id, EV_DONE, {"status": status})
+    if stored is None:
+        return await deps.store.get(job.id)
     event = "job_cancelled" if status == CANCELLED else "job_failed"
-    log.info(event, job_id=job_id, code=error["code"], step=error["step"], message=error["message"])
-    return job
+    log.info(event, job_id=job.id, code=error["code"], step=error["step"], message=error["message"])
+    return stored
 
 
 async def fail_active_job(deps: Deps, job_id: str, code: str, message: str) -> Job | None:
@@ -118,12 +132,21 @@ async def fail_active_job(deps: Deps, job_id: str, code: str, message: str) -> J
     for name in running:
         steps[name] = STEP_FAILED
     error = _error(code, message, running[0] if running else None)
-    return await _end(deps, job_id, FAILED, error, ACTIVE_STATUSES, steps=steps)
+    return await _end(deps, job, FAILED, error, ACTIVE_STATUSES, steps=steps)
 
 
 class JobRun:
     """The state of one delivery. ``schedule`` is the policy; the bench subclasses it
-    to compare with the old batch scheduler on the same step code."""
+    to compare with the old batch scheduler on the same step code.
+
+    Store writes go through a small write-behind buffer (``_buffer`` / ``_flush``):
+    events, artifacts, cache entries and trace records wait there and go out with
+    the next :meth:`JobStore.commit`, which also stores the job's ``steps`` and
+    ``progress`` as they are then, in one round trip. A step's end flushes at
+    once (and waits for it); a step's "running" mark waits up to
+    ``START_MARK_DELAY_S`` for such a write to ride along with. Events keep the
+    order they were buffered in.
+    """
 
     def __init__(self, job: Job, deps: Deps) -> None:
         self.job = job
@@ -135,6 +158,9 @@ class JobRun:
         self.deadline = started + self.request.timeout_ms / 1000
         self.limit = self.request.parallel_limit
         self.done: dict[str, Artifact] = {}
+        """Finished steps -> artifact, from the moment the artifact is made."""
+        self.stored: set[str] = set()
+        """Finished steps whose artifact is in the store: only these feed later steps."""
         self.steps: dict[str, str] = {**initial_steps(), **job.steps}
         self.progress: JSON = dict(job.progress) or initial_progress()
         self.running: dict[str, float] = {}
@@ -143,6 +169,24 @@ class JobRun:
         self.priority = remaining_chain(deps.latency.weights(routes))
         """Longest remaining chain per step, weighted by the durations seen so far."""
         self._write_lock = asyncio.Lock()
+        self._events: list[tuple[str, JSON]] = []
+        self._artifacts: list[Artifact] = []
+        self._cache: list[tuple[str, Artifact]] = []
+        self._traces: list[JSON] = []
+        self._buffered = 0
+        """Generation of the last write buffered; ``_written`` of the last one stored."""
+        self._written = 0
+        self._unwritten_since: float | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[bool] | None = None
+        self._stopped = False
+        self._cache_keys: dict[str, str] = {}
+        self._status_of: Job | None = None
+        self._status_base: JSON = {}
+        self._all_pending = initial_steps()
+        self._trace_records = 0
+        self._cache_hits = 0
+        """Trace records this delivery made: (all, cache hits)."""
 
     # -- delivery ---------------------------------------------------------
 
@@ -156,35 +200,51 @@ class JobRun:
             parallel_limit=self.limit,
             provider=self.deps.llm.name,
         )
-        try:
-            await self._write()
-        except _Stopped:
+        job = await self.store.update(
+            self.job.id,
+            expect=ACTIVE_STATUSES,
+            events=[self._status()],
+            status=RUNNING,
+            attempts=self.job.attempts,
+            started_at=self.started_at,
+            steps=dict(self.steps),
+            progress=dict(self.progress),
+        )
+        if job is None:
             return await self.store.get(self.job.id)
+        self.job = job
+        try:
+            return await self._run()
+        finally:
+            if self._timer is not None:
+                await _stop(self._timer)
+
+    async def _run(self) -> Job | None:
         if time.time() >= self.deadline:
             return await self._fail(_error("timeout", self._timeout_message(), None))
         schedule = asyncio.create_task(self.schedule(), name=f"job:{self.job.id}:schedule")
-        watcher = asyncio.create_task(self._watch_cancel(), name=f"job:{self.job.id}:cancel")
+        watch = _cancel_watch(self.store)
+        cancelled = watch.add(self.job.id, self.deps.config.cancel_poll_s)
         try:
+            waited: set[asyncio.Future[Any]] = {schedule, cancelled}
             await asyncio.wait(
-                {schedule, watcher},
+                waited,
                 timeout=max(0.0, self.deadline - time.time()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
         except asyncio.CancelledError:
-            await _stop(schedule, watcher)
+            await _stop(schedule)
+            await self._flush_interrupted()
             log.info("job_interrupted", job_id=self.job.id, finished_steps=len(self.done))
             raise
+        finally:
+            watch.remove(self.job.id)
         if schedule.done():
-            await _stop(watcher)
             return await self._settle(schedule)
         step = self._active_step()
         await _stop(schedule)
-        if watcher.done():
-            exc = watcher.exception()
-            if exc is not None:
-                raise exc
+        if cancelled.done():
             return await self._fail(_error("cancelled", "cancelled on request", step), CANCELLED)
-        await _stop(watcher)
         return await self._fail(_error("timeout", self._timeout_message(), step))
 
     async def _settle(self, schedule: asyncio.Task[Artifact]) -> Job | None:
@@ -201,13 +261,6 @@ class JobRun:
         log.error("job_crashed", job_id=self.job.id, exc_info=exc)
         return await self._fail(_error("internal_error", f"{type(exc).__name__}: {exc}", None))
 
-    async def _watch_cancel(self) -> None:
-        """Poll the cancel flag: it lives in the store, written by another process."""
-        while True:
-            if await self.store.cancel_requested(self.job.id):
-                return
-            await asyncio.sleep(self.deps.config.cancel_poll_s)
-
     def _timeout_message(self) -> str:
         return f"job did not finish within its deadline of {self.request.timeout_ms} ms"
 
@@ -222,6 +275,7 @@ class JobRun:
             artifact = stored.get(step.artifact)
             if artifact is not None and verify_artifact(artifact):
                 self.done[step.name] = artifact
+                self.stored.add(step.name)
                 if self.steps[step.name] not in (STEP_COMPLETED, STEP_CACHED):
                     self.steps[step.name] = STEP_COMPLETED
             else:
@@ -230,11 +284,11 @@ class JobRun:
     # -- scheduling -------------------------------------------------------
 
     def ready(self, seen: set[str]) -> list[Step]:
-        """Steps not yet seen whose inputs all exist, in graph order."""
+        """Steps not yet seen whose inputs are all stored, in graph order."""
         return [
             s
             for s in STEPS
-            if s.name not in seen and all(d in self.done for d in s.depends_on)
+            if s.name not in seen and all(d in self.stored for d in s.depends_on)
         ]
 
     async def schedule(self) -> Artifact:
@@ -268,22 +322,34 @@ class JobRun:
         self, seen: set[str], tasks: dict[asyncio.Task[Artifact], Step]
     ) -> list[Step]:
         """Mark newly ready steps seen: start code steps, serve cache hits at once
-        (which may make more steps ready), and return the LLM steps that need a slot."""
+        (which may make more steps ready), and return the LLM steps that need a slot.
+        The cache is asked about all newly ready steps in one lookup."""
         need_slot: list[Step] = []
         progressed = True
         while progressed:
             progressed = False
+            llm_ready: list[Step] = []
             for step in self.ready(seen):
                 seen.add(step.name)
-                if not step.uses_llm:
+                if step.uses_llm:
+                    llm_ready.append(step)
+                else:
                     tasks[asyncio.create_task(self.run_step(step))] = step
-                    continue
-                hit = await self._cache_lookup(step)
+            hits: list[tuple[Step, Artifact]] = []
+            for step, hit in zip(llm_ready, await self._cache_lookup(llm_ready), strict=True):
                 if hit is None:
                     need_slot.append(step)
                 else:
-                    await self._finish(step, hit, cached=True)
-                    progressed = True
+                    hits.append((step, hit))
+            if hits:
+                generation = 0
+                for step, hit in hits:
+                    generation = self._record_finish(step, hit, cached=True)
+                await self._flush(generation)
+                for step, hit in hits:
+                    self.stored.add(step.name)
+                    self._log_finished(step, hit, cached=True)
+                progressed = True
         return need_slot
 
     # -- steps ------------------------------------------------------------
@@ -293,21 +359,31 @@ class JobRun:
         return {self.done[d].name: self.done[d].data for d in step.depends_on}
 
     def cache_key(self, step: Step) -> str:
-        language = self.request.language
-        return cache_key(
-            step.name,
-            prompt_version(step.name, language),
-            self.deps.config.model_for(step.name),
-            language,
-            {self.done[d].name: self.done[d].hash for d in step.depends_on},
-        )
+        key = self._cache_keys.get(step.name)
+        if key is None:
+            language = self.request.language
+            key = self._cache_keys[step.name] = cache_key(
+                step.name,
+                prompt_version(step.name, language),
+                self.deps.config.model_for(step.name),
+                language,
+                {self.done[d].name: self.done[d].hash for d in step.depends_on},
+            )
+        return key
 
     async def run_step(self, step: Step) -> Artifact:
         """Produce, store and announce the artifact of one step."""
-        await self._mark_started(step)
+        self._mark_started(step)
         if step.uses_llm:
-            call = StepCall(self.job.id, step.name, self.request.language, self.inputs(step),
-                            self.deadline)
+            call = StepCall(
+                self.job.id,
+                step.name,
+                self.request.language,
+                self.inputs(step),
+                self.deadline,
+                {self.done[d].name: self.done[d].hash for d in step.depends_on},
+                trace=self._trace,
+            )
             started = time.monotonic()
             try:
                 data = await call_llm_step(self.deps, call)
@@ -338,13 +414,17 @@ class JobRun:
             )
         raise ValueError(f"no code for step {step.name}")
 
-    async def _cache_lookup(self, step: Step) -> Artifact | None:
-        if self.request.skip_cache:
-            return None
-        hit = await self.store.cache_get(self.cache_key(step))
-        if hit is None or hit.name != step.artifact or not verify_artifact(hit):
-            return None
-        return make_artifact(step.artifact, step.artifact_type, hit.data)
+    async def _cache_lookup(self, steps: list[Step]) -> list[Artifact | None]:
+        """Cached artifacts of ``steps`` (``None`` where there is no valid one)."""
+        if self.request.skip_cache or not steps:
+            return [None] * len(steps)
+        found = await self.store.cache_get_many([self.cache_key(step) for step in steps])
+        return [
+            make_artifact(step.artifact, step.artifact_type, hit.data)
+            if hit is not None and hit.name == step.artifact and verify_artifact(hit)
+            else None
+            for step, hit in zip(steps, found, strict=True)
+        ]
 
     # -- bookkeeping ------------------------------------------------------
 
@@ -366,39 +446,173 @@ class JobRun:
             "totalSteps": TOTAL_STEPS,
         }
 
-    async def _write(self, *events: tuple[str, JSON]) -> Job:
-        """Store steps and progress (only while the job is running), then append
-        ``events`` and a ``status`` event. Caller holds no lock; this takes it so
-        job writes and the event log keep one order."""
-        async with self._write_lock:
-            job = await self.store.update(
-                self.job.id, expect={RUNNING}, steps=dict(self.steps), progress=dict(self.progress)
-            )
-            if job is None:
-                raise _Stopped
-            for kind, data in events:
-                await self.store.append_event(self.job.id, kind, data)
-            await self.store.append_event(self.job.id, EV_STATUS, status_event(job))
-            return job
+    def _current(self) -> Job:
+        """The job as the next commit leaves it (steps and progress as they are now)."""
+        return replace(self.job, steps=dict(self.steps), progress=dict(self.progress))
 
-    async def _mark_started(self, step: Step) -> None:
+    def _status(self) -> tuple[str, JSON]:
+        """A ``status`` event of the job as it is now. Only steps and progress change
+        during a run: the rest of the view is built once per ``self.job``."""
+        if self._status_of is not self.job:
+            self._status_of = self.job
+            self._status_base = status_event(self.job)
+        view = dict(self._status_base)
+        view["progress"] = dict(self.progress)
+        view["steps"] = {**self._all_pending, **self.steps}
+        return EV_STATUS, view
+
+    def _buffer(
+        self,
+        events: Iterable[tuple[str, JSON]] = (),
+        artifacts: Iterable[Artifact] = (),
+        cache: Iterable[tuple[str, Artifact]] = (),
+        traces: Iterable[JSON] = (),
+    ) -> int:
+        """Queue writes for the next commit; returns their generation for ``_flush``."""
+        self._events.extend(events)
+        self._artifacts.extend(artifacts)
+        self._cache.extend(cache)
+        self._traces.extend(traces)
+        self._buffered += 1
+        if self._unwritten_since is None:
+            self._unwritten_since = time.monotonic()
+        return self._buffered
+
+    async def _flush(
+        self,
+        upto: int | None = None,
+        *,
+        changes: JSON | None = None,
+        events: list[tuple[str, JSON]] | None = None,
+    ) -> None:
+        """Commit everything buffered, unless a commit since generation ``upto`` was
+        buffered already carried it. ``changes`` and ``events`` (the job's last
+        write) go with it, after what was buffered. Raises :class:`_Stopped` when
+        the job is no longer ``running`` (cancelled, failed or finished by someone
+        else)."""
+        target = self._buffered if upto is None else upto
+        async with self._write_lock:
+            await self._settle_cut_off_commit()
+            if self._stopped:
+                raise _Stopped
+            if self._written >= target and changes is None:
+                return
+            generation = self._buffered
+            buffered, self._events = self._events, []
+            artifacts, self._artifacts = self._artifacts, []
+            cache, self._cache = self._cache, []
+            traces, self._traces = self._traces, []
+            self._unwritten_since = None
+            fields = {"steps": dict(self.steps), "progress": dict(self.progress), **(changes or {})}
+            commit = asyncio.ensure_future(
+                self.store.commit(
+                    self.job.id,
+                    expect={RUNNING},
+                    changes=fields,
+                    events=[*buffered, *(events or ())],
+                    artifacts=artifacts,
+                    cache=cache,
+                    traces=traces,
+                )
+            )
+            self._inflight = commit
+            # Shielded: a step cancelled mid-write (deadline, cancel, shutdown) still
+            # has its write finish whole; the next flush waits for it (event order).
+            held = await asyncio.shield(commit)
+            self._inflight = None
+            if not held:
+                self._stopped = True
+                raise _Stopped
+            self._written = generation
+
+    async def _settle_cut_off_commit(self) -> None:
+        """Wait for a commit whose flush was cancelled, and take in its outcome."""
+        commit, self._inflight = self._inflight, None
+        if commit is None:
+            return
+        await asyncio.wait({commit})
+        if commit.cancelled():
+            return
+        exc = commit.exception()
+        if exc is not None:
+            log.warning("job_commit_failed", job_id=self.job.id, error=str(exc))
+        elif not commit.result():
+            self._stopped = True
+
+    def _flush_soon(self) -> None:
+        """Make sure what is buffered is written within ``START_MARK_DELAY_S``."""
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(
+                self._flush_when_due(), name=f"job:{self.job.id}:flush"
+            )
+
+    async def _flush_when_due(self) -> None:
+        while self._unwritten_since is not None:
+            due = self._unwritten_since + START_MARK_DELAY_S - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(due)
+                continue
+            try:
+                await self._flush()
+            except _Stopped:
+                return  # the next step's write raises it in the step
+            except Exception as exc:  # logged; the next write of the job retries
+                log.warning("job_flush_failed", job_id=self.job.id, error=str(exc))
+                return
+
+    async def _flush_interrupted(self) -> None:
+        """On shutdown, store what is buffered (start marks, traces of finished calls)
+        if that is quick; the next delivery resumes either way."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(INTERRUPTED_FLUSH_S):
+                await self._flush()
+
+    def _trace(self, record: JSON) -> None:
+        """Trace sink of this job's LLM calls: a successful call's record goes out with
+        its step's artifact; others (errors, invalid answers) within the delay."""
+        self._trace_records += 1
+        self._buffer(traces=[record])
+        if record.get("outcome") != "ok":
+            self._flush_soon()
+
+    def _mark_started(self, step: Step) -> None:
+        if self._stopped:
+            raise _Stopped
         self.steps[step.name] = STEP_RUNNING
         self.running[step.name] = time.monotonic()
         self.progress = self._next_progress(step)
-        await self._write()
+        self._buffer(events=[self._status()])
+        self._flush_soon()
         log.info("step_started", job_id=self.job.id, step=step.name, display=step.display)
 
     async def _finish(self, step: Step, artifact: Artifact, *, cached: bool) -> None:
-        await self.store.put_artifact(self.job.id, artifact)
-        if cached:
-            await record_cache_hit(self.deps, self.job.id, step.name)
-        elif step.uses_llm:
-            await self.store.cache_put(self.cache_key(step), artifact)
+        """Checkpoint: the artifact (and cache entry, trace) is stored by the same
+        commit that marks the step done, and before the job's state changes. The
+        final step's commit is the job's completion (``_complete``)."""
+        generation = self._record_finish(step, artifact, cached=cached)
+        if step.name != FINAL_STEP:
+            await self._flush(generation)
+        self.stored.add(step.name)
+        self._log_finished(step, artifact, cached=cached)
+
+    def _record_finish(self, step: Step, artifact: Artifact, *, cached: bool) -> int:
         self.done[step.name] = artifact
         self.running.pop(step.name, None)
         self.steps[step.name] = STEP_CACHED if cached else STEP_COMPLETED
         self.progress = self._next_progress(step if cached else None)
-        await self._write((EV_ARTIFACT, artifact.meta()))
+        traces: list[JSON] = []
+        if cached:
+            traces.append(cache_hit_record(self.deps, step.name))
+            self._trace_records += 1
+            self._cache_hits += 1
+        return self._buffer(
+            events=[(EV_ARTIFACT, artifact.meta()), self._status()],
+            artifacts=[artifact],
+            cache=[(self.cache_key(step), artifact)] if step.uses_llm and not cached else [],
+            traces=traces,
+        )
+
+    def _log_finished(self, step: Step, artifact: Artifact, *, cached: bool) -> None:
         log.info(
             "step_finished",
             job_id=self.job.id,
@@ -410,37 +624,55 @@ class JobRun:
             progress=self.progress["percentage"],
         )
 
-    async def _complete(self, dossier: Artifact) -> Job | None:
-        now = time.time()
+    async def _trace_counts(self) -> tuple[int, int]:
+        """(cache hits, LLM calls) in the job's whole trace. A first delivery made
+        every record itself; a later one reads the trace for the earlier ones."""
+        if self.job.attempts <= 1:
+            return self._cache_hits, self._trace_records - self._cache_hits
         trace = await self.store.get_trace(self.job.id)
+        hits = sum(1 for r in trace if r.get("cache_hit"))
+        pending = sum(1 for r in self._traces if r.get("cache_hit"))
+        return hits + pending, len(trace) + len(self._traces) - hits - pending
+
+    async def _complete(self, dossier: Artifact) -> Job | None:
+        """One commit stores what is buffered (the final artifact among it) and
+        the completed job with its ``status``, ``result`` and ``done`` events."""
+        now = time.time()
+        cache_hits, llm_calls = await self._trace_counts()
         meta = {
             "duration_ms": round((now - self.started_at) * 1000),
-            "cache_hits": sum(1 for r in trace if r.get("cache_hit")),
-            "llm_calls": sum(1 for r in trace if not r.get("cache_hit")),
+            "cache_hits": cache_hits,
+            "llm_calls": llm_calls,
             "provider": self.deps.llm.name,
             "offline": self.deps.llm.name == "offline",
         }
         result = {"success": True, "data": dossier.data, "meta": meta}
         progress = {"step": STEP_BY_NAME[FINAL_STEP].display, "percentage": 100,
                     "currentStep": TOTAL_STEPS, "totalSteps": TOTAL_STEPS}
-        job = await self.store.update(
-            self.job.id,
-            expect={RUNNING},
-            status=COMPLETED,
-            completed_at=now,
-            result=result,
-            progress=progress,
-            steps=dict(self.steps),
-        )
-        if job is None:
+        changes: JSON = {
+            "status": COMPLETED,
+            "completed_at": now,
+            "result": result,
+            "progress": progress,
+            "steps": dict(self.steps),
+            "updated_at": now,
+        }
+        completed = replace(self.job, **changes)
+        events = [
+            (EV_STATUS, status_event(completed)),
+            (EV_RESULT, result),
+            (EV_DONE, {"status": COMPLETED}),
+        ]
+        try:
+            await self._flush(changes=changes, events=events)
+        except _Stopped:
             return await self.store.get(self.job.id)
-        await self.store.append_event(self.job.id, EV_STATUS, status_event(job))
-        await self.store.append_event(self.job.id, EV_RESULT, result)
-        await self.store.append_event(self.job.id, EV_DONE, {"status": COMPLETED})
         log.info("job_completed", job_id=self.job.id, **meta)
-        return job
+        return completed
 
     async def _fail(self, error: JSON, status: str = FAILED) -> Job | None:
+        with contextlib.suppress(_Stopped):
+            await self._flush()  # buffered traces and marks first, in order
         # Steps cut off by the deadline failed; steps aborted because another one
         # failed, or by a cancel, simply never finished.
         aborted = STEP_FAILED if error["code"] == "timeout" else PENDING
@@ -450,8 +682,68 @@ class JobRun:
         if status == FAILED and error.get("step"):
             self.steps[str(error["step"])] = STEP_FAILED
         return await _end(
-            self.deps, self.job.id, status, error, frozenset({RUNNING}), steps=dict(self.steps)
+            self.deps, self._current(), status, error, frozenset({RUNNING}),
+            steps=dict(self.steps),
         )
+
+
+class _CancelWatch:
+    """One poller of cancel flags per store and event loop, for every job this process
+    runs: one ``cancel_requested_many`` round trip per period instead of one per job.
+    ``add`` returns a future that is resolved when the job's flag is seen."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.jobs: dict[str, tuple[asyncio.Future[None], float]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.sleeping = False
+
+    def add(self, job_id: str, interval_s: float) -> asyncio.Future[None]:
+        flagged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.jobs[job_id] = (flagged, interval_s)
+        if self.task is None:
+            self.task = asyncio.create_task(self._poll(), name="jobq:cancel-watch")
+        return flagged
+
+    def remove(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        if not self.jobs and self.task is not None and self.sleeping:
+            self.task.cancel()  # idle: no reason to outlive the last job
+
+    async def _poll(self) -> None:
+        try:
+            while self.jobs:
+                try:
+                    flagged = await self.store.cancel_requested_many(list(self.jobs))
+                except Exception as exc:  # a store hiccup: poll again next period
+                    log.warning("cancel_poll_failed", error=str(exc), jobs=len(self.jobs))
+                    flagged = set()
+                for job_id in flagged:
+                    entry = self.jobs.get(job_id)
+                    if entry is not None and not entry[0].done():
+                        entry[0].set_result(None)
+                if not self.jobs:
+                    break
+                self.sleeping = True
+                try:
+                    await asyncio.sleep(min(interval for _, interval in self.jobs.values()))
+                finally:
+                    self.sleeping = False
+        finally:
+            self.task = None
+
+
+_watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[JobStore, _CancelWatch]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _cancel_watch(store: JobStore) -> _CancelWatch:
+    watches = _watches.setdefault(asyncio.get_running_loop(), {})
+    watch = watches.get(store)
+    if watch is None:
+        watch = watches[store] = _CancelWatch(store)
+    return watch
 
 
 class _DeliveryGate:
@@ -505,7 +797,7 @@ async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None
         return job
     if await store.cancel_requested(job_id):
         return await _end(
-            deps, job_id, CANCELLED, _error("cancelled", "cancelled before it started"),
+            deps, job, CANCELLED, _error("cancelled", "cancelled before it started"),
             ACTIVE_STATUSES,
         )
     attempts = job.attempts + 1
@@ -513,20 +805,18 @@ async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None
         running = [n for n, s in job.steps.items() if s == STEP_RUNNING]
         message = f"the worker was lost {job.attempts} times; giving up"
         return await _end(
-            deps, job_id, FAILED, _error("worker_lost", message, running[0] if running else None),
+            deps, job, FAILED, _error("worker_lost", message, running[0] if running else None),
             ACTIVE_STATUSES, attempts=attempts,
         )
     started = job.started_at if job.started_at is not None else time.time()
-    job = await store.update(
-        job_id, expect=ACTIVE_STATUSES, status=RUNNING, attempts=attempts, started_at=started
-    )
-    if job is None:
-        return await store.get(job_id)
+    # The run writes this (status running, attempts, started_at) with its first commit.
+    job = replace(job, status=RUNNING, attempts=attempts, started_at=started)
     try:
         run = run_cls(job, deps)
     except RequestInvalid as exc:
         message = f"stored request no longer valid: {exc}"
         return await _end(
-            deps, job_id, FAILED, _error("invalid_request", message), frozenset({RUNNING})
+            deps, job, FAILED, _error("invalid_request", message), ACTIVE_STATUSES,
+            attempts=attempts, started_at=started,
         )
     return await run.execute()

@@ -6,7 +6,6 @@ LLM-produced models forbid extra keys so the schema handed to providers carries
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from functools import cache
@@ -131,9 +130,12 @@ def _schema(step: str) -> dict[str, Any]:
 
 
 def json_schema(step: str) -> dict[str, Any]:
-    """JSON schema of the step's artifact, for structured-output requests (a copy:
-    providers may adapt it in place)."""
-    return copy.deepcopy(_schema(step))
+    """JSON schema of the step's artifact, for structured-output requests.
+
+    One shared dict per step, built once: treat it as read-only. A provider that
+    needs to adapt it must copy it first (a deep copy per call cost more CPU than
+    the rest of an offline step)."""
+    return _schema(step)
 
 
 def schema_name(step: str) -> str:

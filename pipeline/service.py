@@ -54,11 +54,10 @@ class JobService:
             steps=initial_steps(),
             idempotency_key=idempotency_key,
         )
-        job, created = await self.store.create(job)
+        job, created = await self.store.create(job, events=[(EV_STATUS, status_event(job))])
         if not created:
             return job, False
         try:
-            await self.store.append_event(job.id, EV_STATUS, status_event(job))
             await self.queue.enqueue(job.id, request.timeout_ms / 1000 + QUEUE_TIMEOUT_SLACK_S)
         except StoreUnavailable:
             await self._forget(job.id)

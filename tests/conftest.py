@@ -10,6 +10,7 @@ not exist; once it exists, a failure is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -88,13 +89,21 @@ SHARED_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def shared_service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = _build(backend, tmp_path_factory.mktemp(f"svc-{backend}"), SHARED_ENV, workers=1)
+@contextlib.contextmanager
+def _session_service(
+    backend: str, tmp_path_factory: pytest.TempPathFactory, label: str, env: dict[str, str]
+) -> Iterator[Service]:
+    service = _build(backend, tmp_path_factory.mktemp(f"{label}-{backend}"), env, workers=1)
     try:
         yield service.start()
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with _session_service(backend, tmp_path_factory, "svc", SHARED_ENV) as service:
+        yield service
 
 
 SLOW_ENV = {
@@ -108,11 +117,8 @@ SLOW_ENV = {
 
 @pytest.fixture(scope="session")
 def slow_shared_service(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = _build(backend, tmp_path_factory.mktemp(f"slow-{backend}"), SLOW_ENV, workers=1)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    with _session_service(backend, tmp_path_factory, "slow", SLOW_ENV) as service:
+        yield service
 
 
 @pytest.fixture

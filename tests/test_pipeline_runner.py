@@ -190,6 +190,39 @@ async def test_cancel_mid_run_ends_cancelled_and_aborts_calls(store: SqliteStore
     assert (await store.read_events(job_id))[-1].data == {"status": CANCELLED}
 
 
+async def test_cancel_of_one_job_leaves_its_neighbours_running(store: SqliteStore) -> None:
+    """Jobs of one process share a cancel poller: only the flagged job ends cancelled,
+    the others complete with every step."""
+    llm = OfflineProvider(latency_ms=60)
+    deps = Deps(store, llm, FAST)
+    ids = [await new_job(store, parallel_limit=2) for _ in range(3)]
+    tasks = [asyncio.create_task(run_job(job_id, deps)) for job_id in ids]
+    await wait_for_artifacts(store, ids[1], 2)
+    await store.request_cancel(ids[1])
+    jobs = await asyncio.gather(*tasks)
+    assert [j.status if j else None for j in jobs] == [COMPLETED, CANCELLED, COMPLETED]
+    for job_id in (ids[0], ids[2]):
+        assert len(await store.list_artifacts(job_id)) == len(STEPS)
+    assert llm.in_flight == 0
+
+
+async def test_trace_holds_every_call_and_events_carry_every_artifact(store: SqliteStore) -> None:
+    """Buffered writes lose nothing: one trace record per LLM call, one artifact event per
+    step, and the job run_job returns is the job as stored."""
+    llm = OfflineProvider(latency_ms=5)
+    job_id = await new_job(store, parallel_limit=3)
+    job = await run_job(job_id, Deps(store, llm, FAST))
+    assert job is not None and job.status == COMPLETED
+    trace = await store.get_trace(job_id)
+    assert sorted(r["step"] for r in trace) == sorted(LLM_STEPS)
+    assert job.result is not None and job.result["meta"]["llm_calls"] == len(trace)
+    events = await store.read_events(job_id)
+    announced = [e.data["name"] for e in events if e.type == "artifact_written"]
+    assert sorted(announced) == sorted(s.artifact for s in STEPS)
+    stored = await store.get(job_id)
+    assert stored == job
+
+
 async def test_cancel_before_start_makes_no_call(store: SqliteStore) -> None:
     """A job whose cancel flag is up when delivered ends cancelled without any LLM call."""
     llm = OfflineProvider()

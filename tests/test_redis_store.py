@@ -310,3 +310,30 @@ async def test_a_task_polling_the_store_always_stops_when_cancelled(store: Redis
             survivors += 1
             task.cancel()
     assert survivors == 0
+
+
+async def test_batched_writes_survive_a_script_cache_flush(own_redis: RedisServer) -> None:
+    """Writes sent together in one turn each get their own answer, and a Redis that
+    forgot its scripts (restart, SCRIPT FLUSH) has them loaded again on the next write."""
+    store = RedisStore(own_redis.url, prefix=unique_prefix(), ttl_s=3600)
+    raw = aioredis.Redis.from_url(own_redis.url)
+    try:
+        jobs = [job for job, _ in await asyncio.gather(*(store.create(_job()) for _ in range(20)))]
+        await raw.script_flush()
+        moved = await asyncio.gather(
+            *(
+                store.update(job.id, expect={QUEUED} if n % 2 else {RUNNING}, status=RUNNING)
+                for n, job in enumerate(jobs)
+            )
+        )
+        assert [m is not None for m in moved] == [n % 2 == 1 for n in range(20)]
+        await raw.script_flush()
+        held = await store.commit(
+            jobs[1].id, expect={RUNNING}, events=[("status", {"n": 1})], artifacts=[_artifact("brief")]
+        )
+        assert held
+        assert [e.data for e in await store.read_events(jobs[1].id)] == [{"n": 1}]
+        assert [a.name for a in await store.list_artifacts(jobs[1].id)] == ["brief"]
+    finally:
+        await raw.aclose()
+        await store.close()

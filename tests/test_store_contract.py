@@ -164,6 +164,89 @@ async def test_cache_trace_and_cancel_flag_round_trip(store: JobStore) -> None:
     assert await store.cancel_requested(job.id)
 
 
+async def test_update_appends_its_events_only_when_it_holds(store: JobStore) -> None:
+    """Events given to update are appended after the change, with the next ids, and only
+    when the compare-and-set held."""
+    job, _ = await store.create(_job(), events=[("status", {"n": 0})])
+    failed = await store.update(job.id, expect={RUNNING}, events=[("status", {"n": -1})], attempts=9)
+    assert failed is None
+    moved = await store.update(
+        job.id, expect={QUEUED}, events=[("status", {"n": 1}), ("error", {"n": 2})], status=RUNNING
+    )
+    assert moved is not None and moved.status == RUNNING
+    events = await store.read_events(job.id)
+    assert [(e.id, e.type, e.data["n"]) for e in events] == [
+        (1, "status", 0), (2, "status", 1), (3, "error", 2)
+    ]
+    stored = await store.get(job.id)
+    assert stored is not None and stored.attempts == 0
+
+
+async def test_create_with_events_appends_them_only_for_a_new_job(store: JobStore) -> None:
+    """A create that returns an existing job (same Idempotency-Key) appends nothing."""
+    first, created = await store.create(_job(key="k"), events=[("status", {"n": 1})])
+    again, created_again = await store.create(_job(key="k"), events=[("status", {"n": 2})])
+    assert created and not created_again and again.id == first.id
+    assert [e.data["n"] for e in await store.read_events(first.id)] == [1]
+
+
+async def test_commit_stores_everything_and_gates_job_and_events_on_the_status(
+    store: JobStore,
+) -> None:
+    """A commit stores artifacts, cache entries and trace records, then changes the job
+    and appends events only if its status matched; the artifacts are written either way."""
+    job, _ = await store.create(_job())
+    key = uuid.uuid4().hex
+    held = await store.commit(
+        job.id,
+        expect={QUEUED},
+        changes={"progress": {"percentage": 7}, "steps": {"input": "completed"}},
+        events=[("artifact_written", {"name": "pitch"}), ("status", {"n": 1})],
+        artifacts=[_artifact("pitch"), _artifact("brief")],
+        cache=[(key, _artifact("brief"))],
+        traces=[{"attempt": 1}, {"attempt": 2}],
+    )
+    assert held
+    stored = await store.get(job.id)
+    assert stored is not None and stored.progress == {"percentage": 7}
+    assert stored.steps == {"input": "completed"} and stored.status == QUEUED
+    assert [a.name for a in await store.list_artifacts(job.id)] == ["pitch", "brief"]
+    cached = await store.cache_get(key)
+    assert cached is not None and cached.name == "brief"
+    assert [r["attempt"] for r in await store.get_trace(job.id)] == [1, 2]
+    assert [e.type for e in await store.read_events(job.id)] == ["artifact_written", "status"]
+
+    lost = await store.commit(
+        job.id,
+        expect={RUNNING},
+        changes={"progress": {"percentage": 50}},
+        events=[("status", {"n": 2})],
+        artifacts=[_artifact("sources")],
+    )
+    assert not lost
+    stored = await store.get(job.id)
+    assert stored is not None and stored.progress == {"percentage": 7}
+    assert len(await store.read_events(job.id)) == 2
+    assert "sources" in {a.name for a in await store.list_artifacts(job.id)}
+    with pytest.raises(ValueError):
+        await store.commit(job.id, artifacts=[_artifact("../x")])
+
+
+async def test_many_reads_of_cache_and_cancel_flags_match_single_reads(store: JobStore) -> None:
+    """cache_get_many answers in key order with None for misses; cancel_requested_many
+    names exactly the flagged jobs."""
+    keys = [uuid.uuid4().hex for _ in range(3)]
+    await store.cache_put(keys[0], _artifact("brief"))
+    await store.cache_put(keys[2], _artifact("sources"))
+    found = await store.cache_get_many(keys)
+    assert [a.name if a else None for a in found] == ["brief", None, "sources"]
+    assert await store.cache_get_many([]) == []
+    jobs = [(await store.create(_job()))[0] for _ in range(3)]
+    await store.request_cancel(jobs[1].id)
+    assert await store.cancel_requested_many([j.id for j in jobs]) == {jobs[1].id}
+    assert await store.cancel_requested_many([]) == set()
+
+
 async def test_list_pages_newest_first_per_tenant(store: JobStore) -> None:
     """Listing is newest first, paged by cursor, and shows only the tenant's jobs."""
     tenant = uuid.uuid4().hex[:8]
