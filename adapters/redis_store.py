@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -70,7 +69,7 @@ PING_BUDGET_S = 0.8
 OP_TIMEOUT_S = 5.0
 """Longest a store operation may take, retries of a refused connection included."""
 PRUNE_BATCH = 200
-MAX_CONNECTIONS = int(os.environ.get("REDIS_MAX_CONNECTIONS", "128") or 128)
+MAX_CONNECTIONS = 128
 """Per process and pool; callers beyond it wait for a free connection. Managed Redis
 plans cap connections (Render Key Value starter: a few hundred for all services)."""
 MAX_BLOCKING_CONNECTIONS = 4096
@@ -357,7 +356,13 @@ class _AutoPipeline:
 class RedisStore(JobStore):
     """``JobStore`` on ``redis.asyncio``; a job's keys expire ``ttl_s`` after its last write."""
 
-    def __init__(self, url: str, prefix: str = KEY_PREFIX, ttl_s: int = 604800) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = KEY_PREFIX,
+        ttl_s: int = 604800,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.ttl_s = ttl_s
@@ -365,7 +370,7 @@ class RedisStore(JobStore):
         # a timeout is not (a hung Redis should fail the request, not stall it).
         # Normal commands: a refused connection is retried briefly (a Redis restart),
         # a timeout is not (a hung Redis should fail the request, not stall it).
-        self._redis = redis_client(url, max_connections=MAX_CONNECTIONS)
+        self._redis = redis_client(url, max_connections=max_connections)
         # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): its
         # own pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.
         self._blocking = redis_client(url, max_connections=MAX_BLOCKING_CONNECTIONS, retries=0)

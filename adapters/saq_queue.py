@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -44,20 +43,6 @@ RUN_JOB_FUNCTION = "run_job"
 """The SAQ function name the worker registers (``handlers.saq_worker.run_job``)."""
 FINISHED_JOB_TTL_S = 3600
 """How long SAQ keeps a finished delivery's record (the job itself lives in the store)."""
-
-
-def env_number(name: str, default: float, lo: float, hi: float) -> float:
-    """A number from the environment; a bad value names the variable."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} must be between {lo} and {hi}")
-    return value
 
 
 def queue_name(prefix: str) -> str:
@@ -177,21 +162,22 @@ class SaqQueue(Queue):
         url: str,
         prefix: str = KEY_PREFIX,
         *,
-        heartbeat_s: int | None = None,
-        max_attempts: int | None = None,
+        heartbeat_s: float = 20,
+        max_attempts: int = 3,
+        timeout_margin_s: float = 60,
+        sweep_abort_wait_s: float = 5.0,
     ) -> None:
         self.url = url
         self.prefix = prefix
-        self.heartbeat_s = heartbeat_s or int(env_number("SAQ_HEARTBEAT_S", 20, 1, 3600))
-        attempts = max_attempts or int(env_number("JOB_MAX_ATTEMPTS", 3, 1, 100))
-        self.retries = attempts + 3
-        self.timeout_margin_s = env_number("SAQ_TIMEOUT_MARGIN_S", 60, 0, 86400)
+        self.heartbeat_s = max(1, int(heartbeat_s))
+        self.retries = max_attempts + 3
+        self.timeout_margin_s = timeout_margin_s
         # Each idle worker slot blocks one connection in BLMOVE (up to a second).
         client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS)
         self.saq = JobqRedisQueue(
             client,
             name=queue_name(prefix),
-            sweep_abort_wait_s=env_number("SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
+            sweep_abort_wait_s=sweep_abort_wait_s,
         )
         self._ping_client = redis_client(
             url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2

@@ -7,6 +7,7 @@ the container's lifecycle, CORS, OpenAPI, metrics and the error shape
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -91,6 +92,9 @@ def create_app(container: Container | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         await container.open()
+        # Long-lived start-up objects leave the GC's generations: full collections
+        # over them cost ~30 ms pauses that showed as the p99 of POST /api/jobs.
+        gc.freeze()
         log.info("web_started", backend=settings.backend, auth=settings.auth_required)
         try:
             yield

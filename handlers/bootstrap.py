@@ -70,7 +70,10 @@ def build_store(settings: Settings) -> JobStore:
         return SqliteStore(settings.store_url[len("sqlite:///") :] or "./data/jobq.db")
     if url.scheme in ("redis", "rediss"):
         store: JobStore = _load("adapters.redis_store", "RedisStore", "redis")(
-            settings.store_url, prefix=settings.key_prefix, ttl_s=settings.job_ttl_s
+            settings.store_url,
+            prefix=settings.key_prefix,
+            ttl_s=settings.job_ttl_s,
+            max_connections=settings.redis_max_connections,
         )
         return store
     if url.scheme == "s3":
@@ -92,9 +95,7 @@ def build_queue(settings: Settings, run: Callable[[str], Awaitable[None]], store
 
         return LocalQueue(run, store, concurrency=settings.worker_concurrency)
     if url.scheme in ("redis", "rediss"):
-        queue: Queue = _load("adapters.saq_queue", "SaqQueue", "redis")(
-            settings.queue_url, prefix=settings.key_prefix
-        )
+        queue: Queue = build_saq_queue(settings)
         return queue
     if url.scheme == "sqs":
         queue = _load("adapters.sqs_queue", "SqsQueue", "aws")(
@@ -104,6 +105,18 @@ def build_queue(settings: Settings, run: Callable[[str], Awaitable[None]], store
         )
         return queue
     raise ValueError(f"JOBS_QUEUE_URL: unsupported scheme {url.scheme!r}")
+
+
+def build_saq_queue(settings: Settings) -> Any:
+    """The redis backend's ``SaqQueue`` (the web enqueues on it, the worker consumes it)."""
+    return _load("adapters.saq_queue", "SaqQueue", "redis")(
+        settings.queue_url,
+        prefix=settings.key_prefix,
+        heartbeat_s=settings.saq_heartbeat_s,
+        max_attempts=settings.job_max_attempts,
+        timeout_margin_s=settings.saq_timeout_margin_s,
+        sweep_abort_wait_s=settings.saq_sweep_abort_wait_s,
+    )
 
 
 def build_llm(settings: Settings) -> LLMProvider:

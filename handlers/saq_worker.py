@@ -29,18 +29,14 @@ from saq import Worker
 from saq.job import Job as SaqJob
 
 from adapters.constants import COMPLETED, FAILED
-from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue, env_number
-from handlers.bootstrap import Container, bootstrap
+from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
+from handlers.bootstrap import Container, bootstrap, build_saq_queue
 from handlers.settings import Settings
 
 log = structlog.get_logger("jobq.worker")
 
 DEQUEUE_TIMEOUT_S = 1.0
 """A blocked dequeue returns this often, so shutdown does not wait on an idle slot."""
-
-
-def grace_s() -> int:
-    return int(env_number("WORKER_GRACE_S", 25, 0, 3600))
 
 
 async def _heartbeat(job: SaqJob) -> None:
@@ -104,7 +100,7 @@ class JobqWorker(Worker[Any]):
         await super().stop()
 
     async def _drain(self) -> None:
-        grace = grace_s()
+        grace = self._shutdown_grace_period_s or 0
         running = [job.key for job in self.job_task_contexts]
         log.info("worker_stopping", worker=self.id, running=running, grace_s=grace)
         for task in list(self.tasks):
@@ -161,13 +157,13 @@ def worker_kwargs(settings: Settings, queue: SaqQueue) -> dict[str, Any]:
         "startup": startup,
         "shutdown": shutdown,
         "timers": {
-            "sweep": int(env_number("SAQ_SWEEP_S", 10, 1, 3600)),
-            "worker_info": int(env_number("SAQ_WORKER_INFO_S", 10, 1, 3600)),
+            "sweep": int(settings.saq_sweep_s),
+            "worker_info": int(settings.saq_worker_info_s),
             "schedule": 1,
             "abort": 1,
         },
         "dequeue_timeout": DEQUEUE_TIMEOUT_S,
-        "shutdown_grace_period_s": grace_s(),
+        "shutdown_grace_period_s": int(settings.worker_grace_s),
         "metadata": {"pid": os.getpid(), "host": socket.gethostname()},
     }
 
@@ -175,11 +171,11 @@ def worker_kwargs(settings: Settings, queue: SaqQueue) -> dict[str, Any]:
 def saq_settings() -> dict[str, Any]:
     """For ``saq handlers.saq_worker.saq_settings``: settings from the environment."""
     settings = Settings.from_env()
-    return worker_kwargs(settings, SaqQueue(settings.queue_url, prefix=settings.key_prefix))
+    return worker_kwargs(settings, build_saq_queue(settings))
 
 
 async def serve_worker(settings: Settings) -> None:
-    queue = SaqQueue(settings.queue_url, prefix=settings.key_prefix)
+    queue = build_saq_queue(settings)
     worker = JobqWorker(**worker_kwargs(settings, queue))
     try:
         await queue.open()

@@ -120,6 +120,8 @@ class Settings:
     saq_heartbeat_s: float = 20.0
     saq_sweep_s: float = 10.0
     saq_timeout_margin_s: float = 60.0
+    saq_sweep_abort_wait_s: float = 5.0
+    saq_worker_info_s: float = 10.0
     sqs_visibility_timeout_s: int = 0
     """Dev worker only; 0 = the queue's own visibility timeout."""
     sqs_batch_size: int = 1
@@ -225,9 +227,11 @@ class Settings:
             sse_heartbeat_s=_float(env, "SSE_HEARTBEAT_S", 15.0, 0.05, 300.0),
             worker_grace_s=_float(env, "WORKER_GRACE_S", 25.0, 0.0, 3600.0),
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 100_000),
-            saq_heartbeat_s=_float(env, "SAQ_HEARTBEAT_S", 20.0, 0.2, 600.0),
-            saq_sweep_s=_float(env, "SAQ_SWEEP_S", 10.0, 0.2, 600.0),
-            saq_timeout_margin_s=_float(env, "SAQ_TIMEOUT_MARGIN_S", 60.0, 1.0, 3600.0),
+            saq_heartbeat_s=_float(env, "SAQ_HEARTBEAT_S", 20.0, 1.0, 3600.0),
+            saq_sweep_s=_float(env, "SAQ_SWEEP_S", 10.0, 1.0, 3600.0),
+            saq_timeout_margin_s=_float(env, "SAQ_TIMEOUT_MARGIN_S", 60.0, 0.0, 86400.0),
+            saq_sweep_abort_wait_s=_float(env, "SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
+            saq_worker_info_s=_float(env, "SAQ_WORKER_INFO_S", 10.0, 1.0, 3600.0),
             sqs_visibility_timeout_s=_int(env, "SQS_VISIBILITY_TIMEOUT_S", 0, 0, 43200),
             sqs_batch_size=_int(env, "SQS_BATCH_SIZE", 1, 1, 10),
             sqs_wait_s=_int(env, "SQS_WAIT_S", 5, 1, 20),
