@@ -231,6 +231,19 @@ return n
 """
 
 
+async def ping_within_budget(client: aioredis.Redis, what: str) -> None:
+    """PING answered within ``PING_BUDGET_S``, else :class:`StoreUnavailable`; health
+    checks stay fast when Redis is down or hangs, and recover by themselves."""
+    try:
+        async with asyncio.timeout(PING_BUDGET_S):
+            await client.ping()
+    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        # A timed-out command leaves its connection mid-reply: drop them all.
+        with contextlib.suppress(Exception):
+            await client.connection_pool.disconnect()
+        raise StoreUnavailable(f"{what} did not answer: {exc or 'timeout'}") from exc
+
+
 def redis_client(
     url: str,
     *,
@@ -441,14 +454,7 @@ class RedisStore(JobStore):
                 await client.aclose()
 
     async def ping(self) -> None:
-        try:
-            async with asyncio.timeout(PING_BUDGET_S):
-                await self._ping_client.ping()
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            # A timed-out command leaves its connection mid-reply: drop them all.
-            with contextlib.suppress(Exception):
-                await self._ping_client.connection_pool.disconnect()
-            raise StoreUnavailable(f"redis did not answer: {exc or 'timeout'}") from exc
+        await ping_within_budget(self._ping_client, "redis")
 
     # -- jobs ---------------------------------------------------------------
 

@@ -32,11 +32,10 @@ from saq.queue.redis import RedisQueue
 
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.ports import JSON, Queue, StoreUnavailable
-from adapters.redis_store import OP_TIMEOUT_S, redis_client
+from adapters.redis_store import OP_TIMEOUT_S, PING_BUDGET_S, ping_within_budget, redis_client
 
 log = structlog.get_logger("jobq.queue")
 
-PING_BUDGET_S = 0.8
 MAX_QUEUE_CONNECTIONS = 20_000
 """At least the worker's concurrency plus SAQ's own operations."""
 RUN_JOB_FUNCTION = "run_job"
@@ -198,13 +197,7 @@ class SaqQueue(Queue):
             await self._ping_client.aclose()
 
     async def ping(self) -> None:
-        try:
-            async with asyncio.timeout(PING_BUDGET_S):
-                await self._ping_client.ping()
-        except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            with contextlib.suppress(Exception):
-                await self._ping_client.connection_pool.disconnect()
-            raise StoreUnavailable(f"redis queue did not answer: {exc or 'timeout'}") from exc
+        await ping_within_budget(self._ping_client, "redis queue")
 
     async def stats(self) -> JSON:
         try:
