@@ -15,11 +15,12 @@ import importlib.util
 import logging
 import os
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from adapters.sqlite_store import SqliteStore
 from tests.support.service import Service, base_env
 
 ALL_BACKENDS = ("local", "redis", "aws")
@@ -154,3 +155,12 @@ def service_factory(backend: str, tmp_path: Path, request: pytest.FixtureRequest
     finally:
         for service in built:
             service.stop()
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[SqliteStore]:
+    """An open in-memory SQLite store (modules that test other stores define their own)."""
+    s = SqliteStore(":memory:")
+    await s.open()
+    yield s
+    await s.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,14 +27,6 @@ PITCH = build_pitch(
     )
 )
 CONFIG = PipelineConfig(llm_backoff_base_s=0.01, llm_backoff_max_s=0.05, llm_max_retries=3)
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(":memory:")
-    await s.open()
-    yield s
-    await s.close()
 
 
 class Scripted:
