@@ -177,43 +177,42 @@ if want_job == '1' then return redis.call('HGETALL', job_key) end
 return 1
 """
 
-_DELETE = """
+_UNINDEX = """
+local function unindex(idx, id, tenant)
+  redis.call('ZREM', idx .. 'all', id)
+  redis.call('HDEL', idx .. 'owner', id)
+  for _, s in ipairs(__STATUSES__) do
+    redis.call('ZREM', idx .. 'status:' .. s, id)
+    if tenant then redis.call('ZREM', idx .. 'tstatus:' .. s .. ':' .. tenant, id) end
+  end
+  if tenant then redis.call('ZREM', idx .. 'tenant:' .. tenant, id) end
+end
+""".replace("__STATUSES__", _STATUS_LIST)
+"""Removes a job id from every listing and count index (delete, and pruning of expired jobs)."""
+
+_DELETE = _UNINDEX + """
 local prefix, id = ARGV[1], ARGV[2]
 local tenant = redis.call('HGET', KEYS[1], 'tenant')
   or redis.call('HGET', prefix .. ':index:owner', id)
 local idem_key = KEYS[#KEYS]
 if idem_key ~= '' and redis.call('GET', idem_key) == id then redis.call('DEL', idem_key) end
 for i = 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
-local idx = prefix .. ':index:'
-redis.call('ZREM', idx .. 'all', id)
-redis.call('HDEL', idx .. 'owner', id)
-for _, s in ipairs(__STATUSES__) do
-  redis.call('ZREM', idx .. 'status:' .. s, id)
-  if tenant then redis.call('ZREM', idx .. 'tstatus:' .. s .. ':' .. tenant, id) end
-end
-if tenant then redis.call('ZREM', idx .. 'tenant:' .. tenant, id) end
+unindex(prefix .. ':index:', id, tenant)
 return 1
-""".replace("__STATUSES__", _STATUS_LIST)
+"""
 
-_PRUNE = """
+_PRUNE = _UNINDEX + """
 local prefix, cutoff, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local idx = prefix .. ':index:'
 local removed = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', idx .. 'all', '-inf', cutoff, 'LIMIT', 0, batch)) do
   if redis.call('EXISTS', prefix .. ':job:' .. id) == 0 then
-    local tenant = redis.call('HGET', idx .. 'owner', id)
-    redis.call('ZREM', idx .. 'all', id)
-    redis.call('HDEL', idx .. 'owner', id)
-    for _, s in ipairs(__STATUSES__) do
-      redis.call('ZREM', idx .. 'status:' .. s, id)
-      if tenant then redis.call('ZREM', idx .. 'tstatus:' .. s .. ':' .. tenant, id) end
-    end
-    if tenant then redis.call('ZREM', idx .. 'tenant:' .. tenant, id) end
+    unindex(idx, id, redis.call('HGET', idx .. 'owner', id))
     removed = removed + 1
   end
 end
 return removed
-""".replace("__STATUSES__", _STATUS_LIST)
+"""
 
 _PUT_ARTIFACT = """
 local seq = redis.call('HINCRBY', KEYS[1], '#seq', 1)
