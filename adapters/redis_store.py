@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -61,6 +62,7 @@ from adapters.constants import (
     TRACE_KEY,
 )
 from adapters.ports import JSON, Artifact, Commit, Event, Job, JobStore, StoreUnavailable
+from adapters.redis_packing import with_hiredis_packing
 
 log = structlog.get_logger("jobq.store")
 
@@ -262,6 +264,7 @@ def redis_client(
       pool raises "Too many connections" at 100, which a worker running 50 jobs
       with parallel steps reaches).
     - Retries cover refused connections only (a Redis restart), not timeouts.
+    - Commands are packed by hiredis (``adapters.redis_packing``), not in Python.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
@@ -276,6 +279,7 @@ def redis_client(
             supported_errors=(RedisConnectionError,),
         ),
     )
+    pool.connection_class = with_hiredis_packing(pool.connection_class)
     return aioredis.Redis.from_pool(pool)
 
 
@@ -425,6 +429,24 @@ class RedisStore(JobStore):
             return base + (f"status:{status}" if status else "all")
         return base + (f"tstatus:{status}:{tenant}" if status else f"tenant:{tenant}")
 
+    async def _call(self, *args: Any) -> Any:
+        """One command through the auto-pipeline, which bounds it in time already:
+        no timeout scope of its own (the hot path: reads and commits of running jobs)."""
+        try:
+            return await self._auto.submit(*args)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis did not answer within {OP_TIMEOUT_S:g}s") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
+
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """``script`` by EVALSHA through the auto-pipeline; loaded again if Redis forgot it."""
+        try:
+            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted Redis forgot it: load it and run again
+            async with self._op():
+                return await script(keys=keys, args=args)
+
     @contextlib.asynccontextmanager
     async def _op(self, timeout_s: float = OP_TIMEOUT_S) -> AsyncIterator[None]:
         """Bound a store operation in time; connection trouble and a Redis that does
@@ -485,24 +507,17 @@ class RedisStore(JobStore):
             self._key("evseq", job.id),
             self._key(EVENTS_KEY, job.id),
         ]
-        async with self._op():
-            try:
-                existing = await self._auto.submit(
-                    "EVALSHA", self._create_script.sha, len(keys), *keys, *args
-                )
-            except NoScriptError:  # a restarted Redis forgot it: load it and run again
-                existing = await self._create_script(keys=keys, args=args)
-            if existing:
-                found = await self._get(_text(existing))
-                if found is not None:
-                    return found, False
-                # The first job vanished between the script and this read: create anew.
-                return await self._create_with_events(job, events)
+        existing = await self._eval(self._create_script, keys, args)
+        if existing:
+            found = await self._get(_text(existing))
+            if found is not None:
+                return found, False
+            # The first job vanished between the script and this read: create anew.
+            return await self._create_with_events(job, events)
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
-        async with self._op():
-            raw = await self._auto.submit("HGETALL", self._key(JOB_KEY, job_id))
+        raw = await self._call("HGETALL", self._key(JOB_KEY, job_id))
         return _decode_job(cast(dict[bytes, bytes], raw))
 
     async def _update(self, job_id: str, expect: frozenset[str] | None, changes: JSON) -> Job | None:
@@ -551,13 +566,7 @@ class RedisStore(JobStore):
         args.append(len(batch.traces))
         args += [_dumps(record) for record in batch.traces]
         keys = [*self._job_keys(job_id), *(self._key(CACHE_KEY, key) for key, _ in batch.cache)]
-        async with self._op():
-            try:
-                return await self._auto.submit(
-                    "EVALSHA", self._commit_script.sha, len(keys), *keys, *args
-                )
-            except NoScriptError:  # a restarted Redis forgot it: load it and run again
-                return await self._commit_script(keys=keys, args=args)
+        return await self._eval(self._commit_script, keys, args)
 
     async def _delete(self, job_id: str) -> None:
         job = await self._get(job_id)
@@ -665,8 +674,7 @@ class RedisStore(JobStore):
         return Artifact.from_dict(json.loads(doc))
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
-        async with self._op():
-            raw = await self._auto.submit("HGETALL", self._key(ARTIFACT_KEY, job_id))
+        raw = await self._call("HGETALL", self._key(ARTIFACT_KEY, job_id))
         entries: list[tuple[int, Artifact]] = []
         for name, value in cast(dict[bytes, bytes], raw).items():
             if name == b"#seq":
@@ -681,10 +689,9 @@ class RedisStore(JobStore):
         return Artifact.from_dict(json.loads(raw)) if raw else None
 
     async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
-        async with self._op():
-            raws = await asyncio.gather(
-                *(self._auto.submit("GETEX", self._key(CACHE_KEY, key), "EX", self.ttl_s) for key in keys)
-            )
+        raws = await asyncio.gather(
+            *(self._call("GETEX", self._key(CACHE_KEY, key), "EX", self.ttl_s) for key in keys)
+        )
         return [Artifact.from_dict(_loads(raw)) if raw else None for raw in raws]
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
@@ -740,8 +747,7 @@ class RedisStore(JobStore):
             await self._redis.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
 
     async def _cancel_requested(self, job_id: str) -> bool:
-        async with self._op():
-            return bool(await self._auto.submit("EXISTS", self._key(CANCEL_KEY, job_id)))
+        return bool(await self._call("EXISTS", self._key(CANCEL_KEY, job_id)))
 
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
         async with self._op():

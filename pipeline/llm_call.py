@@ -179,10 +179,22 @@ class _Caller:
             return state.attempt_number > config.llm_max_retries
 
         try:
+            return await self.once(request, kind)
+        except LLMError as exc:
+            if not _is_transient(exc):
+                raise
+            failed: LLMError | None = exc
+        # Built only once a call failed: building tenacity's machinery for every call
+        # cost a tenth of a step's CPU. Its first attempt re-raises that failure, so
+        # stop and wait count attempts as if tenacity had made the first call.
+        try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_transient), wait=wait, stop=stop, reraise=True
             ):
                 with attempt:
+                    if failed is not None:
+                        first, failed = failed, None
+                        raise first
                     return await self.once(request, kind)
         except LLMError as exc:
             if passed_deadline:

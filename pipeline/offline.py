@@ -10,13 +10,14 @@ tests check the concurrency the scheduler promised.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
+
+import msgspec
 
 from adapters.ports import LLMError, LLMReply, LLMRequest
 from pipeline.graph import SECTION_STEPS
@@ -111,7 +112,7 @@ class OfflineProvider:
             answer = self.answer(request.step, request.language, request.context)
         finally:
             self.in_flight -= 1
-        text = json.dumps(answer, ensure_ascii=False)
+        text = msgspec.json.encode(answer).decode()
         return LLMReply(
             text=text,
             model=request.model,

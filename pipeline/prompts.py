@@ -8,7 +8,6 @@ schema of the answer is appended by code, so template and schema cannot drift.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from functools import cache
@@ -67,10 +66,10 @@ _texts: OrderedDict[str, str] = OrderedDict()
 
 
 def _as_text(value: Any) -> str:
-    """JSON with one-space indentation, as ``json.dumps(value, indent=1)`` writes it:
-    compact from the C encoder, then indented by msgspec (same text, a third of the
-    time; ``indent`` switches json's C encoder off)."""
-    return msgspec.json.format(json.dumps(value, ensure_ascii=False), indent=1)
+    """JSON with one-space indentation, as ``json.dumps(value, indent=1)`` writes it
+    (keys in their order, text unescaped), encoded and indented by msgspec in C:
+    ``indent`` switches json's C encoder off."""
+    return msgspec.json.format(msgspec.json.encode(value), indent=1).decode()
 
 
 def _artifact_text(value: Any, digest: str | None) -> str:
@@ -137,7 +136,7 @@ def render(
     values = placeholders(language, inputs, hashes, used_placeholders(step, language))
     body = Template(user).substitute(values)
     answer_format = _text(language, "_format").strip()
-    schema_text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    schema_text = msgspec.json.encode(schema).decode()
     return system, f"{body}\n\n{answer_format}\n{schema_text}"
 
 
