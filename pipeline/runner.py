@@ -509,7 +509,7 @@ class JobRun:
                     self.job.id,
                     expect={RUNNING},
                     changes=fields,
-                    events=[*buffered, *(events or ())],
+                    events=_last_status_only([*buffered, *(events or ())]),
                     artifacts=artifacts,
                     cache=cache,
                     traces=traces,
@@ -685,6 +685,15 @@ class JobRun:
             self.deps, self._current(), status, error, frozenset({RUNNING}),
             steps=dict(self.steps),
         )
+
+
+def _last_status_only(events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
+    """A commit's events without its ``status`` events but the last. Each status is a
+    full snapshot of the job and a commit's events reach every reader together, so the
+    last says all that the earlier ones did (a step started and the artifact of another
+    in one commit: one status with both)."""
+    last = max((i for i, (type, _) in enumerate(events) if type == EV_STATUS), default=-1)
+    return [event for i, event in enumerate(events) if event[0] != EV_STATUS or i == last]
 
 
 class _CancelWatch:

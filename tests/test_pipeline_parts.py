@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.ports import Job, canonical_json
@@ -90,6 +91,37 @@ def test_artifact_hash_and_size_are_of_canonical_json(data: dict[str, Any]) -> N
     reordered = dict(reversed(list(data.items())))
     assert artifact.hash == content_hash(reordered)
     assert artifact.size == len(canonical_json(data))
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+@settings(max_examples=400)
+@given(_JSON_VALUES)
+def test_canonical_json_is_python_sorted_compact_json(value: Any) -> None:
+    """Canonical JSON is byte for byte json.dumps(sort_keys, compact, UTF-8), NaN as null."""
+    expected = json.dumps(
+        _finite_or_none(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    assert canonical_json(value) == expected
 
 
 def test_cache_key_changes_with_each_ingredient() -> None:

@@ -258,7 +258,7 @@ async def test_progress_never_decreases_in_the_event_log(store: SqliteStore) -> 
     events = await store.read_events(job_id)
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     progress = [e.data["progress"] for e in events if e.type == "status"]
-    assert len(progress) > len(STEPS)
+    assert len({p["percentage"] for p in progress}) >= 8  # moves step by step
     for before, after in itertools.pairwise(progress):
         assert after["percentage"] >= before["percentage"]
         assert after["currentStep"] >= before["currentStep"]

@@ -47,7 +47,8 @@ def test_progress_never_goes_down(service: Service) -> None:
         job_id = submit(client, parallel_limit=4)
         stream = read_stream(client, job_id)
     progress = [s["progress"] for s in stream.of("status")]
-    assert len(progress) > 15
+    # Not vacuous: the stream moves step by step, not only at start and end.
+    assert len({p["percentage"] for p in progress}) >= 8
     for before, after in itertools.pairwise(progress):
         assert after["percentage"] >= before["percentage"], (before, after)
         assert after["currentStep"] >= before["currentStep"], (before, after)
