@@ -269,7 +269,8 @@ async def test_progress_never_decreases_in_the_event_log(store: SqliteStore) -> 
         "totalSteps": 15,
     }
     displays = {p["step"] for p in progress}
-    assert {"evidence_harvesting", "section_market", "investor_scoring"} <= displays
+    assert displays <= {s.display for s in STEPS} and len(displays) >= 5
+    assert "investor_scoring" in displays
     assert [e.type for e in events[-3:]] == ["status", "result", "done"]
 
 
