@@ -74,6 +74,8 @@ PRUNE_BATCH = 200
 MAX_CONNECTIONS = 128
 """Per process and pool; callers beyond it wait for a free connection. Managed Redis
 plans cap connections (Render Key Value starter: a few hundred for all services)."""
+AUTO_PIPELINES_IN_FLIGHT = 2
+"""Auto-pipelines out at once per store (see ``_AutoPipeline``)."""
 MAX_BLOCKING_CONNECTIONS = 4096
 
 _RAW_FIELDS = frozenset({"status", "tenant"})
@@ -325,28 +327,42 @@ class _AutoPipeline:
     pipeline (one connection checkout, one write, one read of all replies), so a
     worker running many jobs pays the client's per-command overhead once per turn
     instead of once per command. Each command keeps its own reply or error; none is
-    atomic with another (each commit is one atomic script already)."""
+    atomic with another (each commit is one atomic script already).
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    At most ``max_in_flight`` pipelines are out at once: commands issued meanwhile
+    wait for one to return and go together, so under load the batches grow instead of
+    the number of connection checkouts and round trips."""
+
+    def __init__(self, client: aioredis.Redis, max_in_flight: int = AUTO_PIPELINES_IN_FLIGHT) -> None:
         self.client = client
+        self.max_in_flight = max_in_flight
         self.pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self.sending: set[asyncio.Task[None]] = set()
+        self.scheduled = False
 
     def submit(self, *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
-        if not self.pending:
-            loop.call_soon(self._send_pending)
         self.pending.append((args, reply))
+        if not self.scheduled and len(self.sending) < self.max_in_flight:
+            self.scheduled = True
+            loop.call_soon(self._send_pending)
         return reply
 
     def _send_pending(self) -> None:
+        self.scheduled = False
         batch = [(args, reply) for args, reply in self.pending if not reply.done()]
         self.pending = []
         if batch:
             task = asyncio.ensure_future(self._send(batch))
             self.sending.add(task)
-            task.add_done_callback(self.sending.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self.sending.discard(task)
+        if self.pending and not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_pending)
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:

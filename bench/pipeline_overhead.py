@@ -62,17 +62,18 @@ async def _store(backend: str) -> JobStore:
 
 
 async def measure(
-    backend: str, jobs: int, concurrency: int, profile: str | None
+    backend: str, jobs: int, concurrency: int, profile: str | None, latency_ms: float = 0
 ) -> tuple[float, float]:
     """(jobs/s, CPU ms of this process per job): the CPU figure is steadier on a
     shared machine than the rate."""
     store = await _store(backend)
-    deps = Deps(store=store, llm=OfflineProvider(0))
+    deps = Deps(store=store, llm=OfflineProvider(latency_ms))
     service = JobService(deps, _NoQueue())  # type: ignore[arg-type]
     try:
         ids = [
-            (await service.submit({**BODY, "project_title": f"Solar Mesh {uuid.uuid4().hex[:10]}"},
-                                  "bench"))[0].id
+            (await service.submit({**BODY, "project_title": f"Solar Mesh {uuid.uuid4().hex[:10]}"}, "bench"))[
+                0
+            ].id
             for _ in range(jobs)
         ]
         gate = asyncio.Semaphore(concurrency)
@@ -102,14 +103,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--backend", choices=("sqlite", "redis", "both"), default="both")
     parser.add_argument("--profile", help="write a cProfile dump here (one backend)")
+    parser.add_argument("--latency-ms", type=float, default=0, help="simulated time per LLM call")
     args = parser.parse_args()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING), cache_logger_on_first_use=True
+    )
     backends = ("sqlite", "redis") if args.backend == "both" else (args.backend,)
     for backend in backends:
-        rate, cpu_ms = asyncio.run(measure(backend, args.jobs, args.concurrency, args.profile))
+        rate, cpu_ms = asyncio.run(
+            measure(backend, args.jobs, args.concurrency, args.profile, args.latency_ms)
+        )
         print(
             f"{backend}: {rate:.1f} jobs/s, {cpu_ms:.2f} CPU ms/job "
-            f"({args.jobs} jobs, {args.concurrency} at once)"
+            f"({args.jobs} jobs, {args.concurrency} at once, {args.latency_ms:g} ms per call)"
         )
 
 
