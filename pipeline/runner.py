@@ -692,8 +692,16 @@ def _last_status_only(events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
     full snapshot of the job and a commit's events reach every reader together, so the
     last says all that the earlier ones did (a step started and the artifact of another
     in one commit: one status with both)."""
-    last = max((i for i, (type, _) in enumerate(events) if type == EV_STATUS), default=-1)
-    return [event for i, event in enumerate(events) if event[0] != EV_STATUS or i == last]
+    kept: list[tuple[str, JSON]] = []
+    seen_status = False
+    for event in reversed(events):
+        if event[0] == EV_STATUS:
+            if seen_status:
+                continue
+            seen_status = True
+        kept.append(event)
+    kept.reverse()
+    return kept
 
 
 class _CancelWatch:
