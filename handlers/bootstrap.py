@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
-from adapters.ports import JobStore, LLMProvider, Queue, RateLimiter
+from adapters.ports import Job, JobStore, LLMProvider, Queue, RateLimiter
 from handlers.settings import Settings
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.runner import run_job
@@ -40,9 +40,9 @@ class Container:
         await self.queue.close()
         await self.store.close()
 
-    async def run(self, job_id: str) -> None:
-        """Run one delivery of a job (what every worker flavour calls)."""
-        await _run_delivery(job_id, self.deps)
+    async def run(self, job_id: str) -> Job | None:
+        """Run one delivery of a job (what every worker flavour calls); the job as left."""
+        return await run_job(job_id, self.deps)
 
 
 async def _run_delivery(job_id: str, deps: Deps) -> None:

@@ -59,7 +59,7 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
     log.info("job_picked_up", job_id=job_id, delivery=delivery.attempts, worker=ctx["worker"].id)
     beat = asyncio.create_task(_heartbeat(delivery), name=f"heartbeat-{job_id}")
     try:
-        await container.run(job_id)
+        job = await container.run(job_id)
     except asyncio.CancelledError:
         log.warning("job_handed_back", job_id=job_id, delivery=delivery.attempts)
         raise
@@ -69,7 +69,6 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
     finally:
         beat.cancel()
         await asyncio.wait({beat}, timeout=5)
-    job = await container.store.get(job_id)
     status = job.status if job else "missing"
     if status == FAILED:
         log.info("job_failed", job_id=job_id, status=status, error=job.error if job else None)

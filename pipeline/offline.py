@@ -14,7 +14,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import msgspec
@@ -144,9 +144,17 @@ class _Facts:
         title_words = {w.lower() for w in _WORD.findall(self.title)}
         self.topics = [t for t in _topics(self.text, 8) if t not in title_words][:5] or ["market"]
         self.sources = [s["title"] for s in evidence.get("sources", []) if "title" in s]
-        seed = sha256_hex(f"{step}|{self.title}|{self.text}|{language}")
-        self.rng = random.Random(int(seed[:16], 16))
-        self.base = random.Random(int(sha256_hex(f"{self.title}|{self.text}")[:16], 16))
+
+    @cached_property
+    def rng(self) -> random.Random:
+        """Numbers of this step (seeded by step, pitch and language); made when used."""
+        seed = sha256_hex(f"{self.step}|{self.title}|{self.text}|{self.language}")
+        return random.Random(int(seed[:16], 16))
+
+    @cached_property
+    def base(self) -> random.Random:
+        """Numbers every step of the same pitch agrees on (market size and such)."""
+        return random.Random(int(sha256_hex(f"{self.title}|{self.text}")[:16], 16))
 
     def t(self, key: str, **values: str) -> str:
         return _T[self.language][key].format(

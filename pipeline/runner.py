@@ -588,9 +588,13 @@ class JobRun:
     async def _finish(self, step: Step, artifact: Artifact, *, cached: bool) -> None:
         """Checkpoint: the artifact (and cache entry, trace) is stored by the same
         commit that marks the step done, and before the job's state changes. The
-        final step's commit is the job's completion (``_complete``)."""
+        final step's commit is the job's completion (``_complete``).
+
+        The flush waits one event-loop turn first: steps whose calls ended in the same
+        turn (parallel steps of equal latency) then share one commit."""
         generation = self._record_finish(step, artifact, cached=cached)
         if step.name != FINAL_STEP:
+            await asyncio.sleep(0)
             await self._flush(generation)
         self.stored.add(step.name)
         self._log_finished(step, artifact, cached=cached)
