@@ -114,7 +114,7 @@ def main() -> None:
             measure(backend, args.jobs, args.concurrency, args.profile, args.latency_ms)
         )
         print(
-            f"{backend}: {rate:.1f} jobs/s, {cpu_ms:.2f} CPU ms/job "
+            f"{backend}: {rate:.3g} jobs/s, {cpu_ms:.2f} CPU ms/job "
             f"({args.jobs} jobs, {args.concurrency} at once, {args.latency_ms:g} ms per call)"
         )
 
