@@ -446,8 +446,9 @@ class RedisStore(JobStore):
         return base + (f"tstatus:{status}:{tenant}" if status else f"tenant:{tenant}")
 
     async def _call(self, *args: Any) -> Any:
-        """One command through the auto-pipeline, which bounds it in time already:
-        no timeout scope of its own (the hot path: reads and commits of running jobs)."""
+        """One command through the auto-pipeline, which bounds it in time already (a
+        batch ahead of it, then its own batch: ``OP_TIMEOUT_S`` each), so it needs no
+        timeout scope of its own (the hot path: reads and commits of running jobs)."""
         try:
             return await self._auto.submit(*args)
         except TimeoutError as exc:
