@@ -132,6 +132,16 @@ def child_env(url: str, prefix: str, **extra: str) -> dict[str, str]:
     }
 
 
+def loop_ms() -> float:
+    """Time of a fixed pure-Python loop: how fast this machine runs Python right now
+    (on a shared machine it varies between runs, and everything above varies with it)."""
+    started = time.process_time()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    return (time.process_time() - started) * 1000
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -420,7 +430,11 @@ def _concurrency_rows(c: dict[str, float], target: str) -> list[str]:
 
 
 def table(
-    a: dict[str, LoadResult], b: dict[str, float], c: dict[str, float], c_small: dict[str, float]
+    a: dict[str, LoadResult],
+    b: dict[str, float],
+    c: dict[str, float],
+    c_small: dict[str, float],
+    speed: tuple[float, float],
 ) -> str:
     jobq, floor = a["jobq"], a["floor"]
     rows = [
@@ -443,9 +457,16 @@ def table(
     note = (
         f"\n{jobq.requests + floor.requests} requests measured, {errors} non-2xx. "
         f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-        "client, servers and Redis share it. Servers log at warning level.\n"
+        "client, servers and Redis share it. Servers log at warning level. "
+        f"A fixed Python loop took {speed[0]:.0f} ms before and {speed[1]:.0f} ms after "
+        "the run (the machine's speed at the time).\n"
     )
-    return "\n".join(rows) + "\n" + note
+    bound = (
+        f"At {c['jobs']:.0f} jobs the worker needed {c['worker_cpu_s']:.2f} s of CPU for a batch "
+        f"whose ideal is {c['ideal_s']:.2f} s: one process's CPU, not the LLM latency, sets the "
+        f"total there; at {c_small['jobs']:.0f} jobs it needed {c_small['worker_cpu_s']:.2f} s.\n"
+    )
+    return "\n".join(rows) + "\n" + note + "\n" + bound
 
 
 def write_section(text: str) -> None:
@@ -471,6 +492,7 @@ async def main(quick: bool) -> None:
     logging.getLogger("saq").setLevel(logging.WARNING)
     logs = ROOT / "data" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    speed_before = loop_ms()
     server = RedisServer.start(persistent=False)
     try:
         print(f"redis on {server.url}; logs in {logs}", flush=True)
@@ -485,7 +507,7 @@ async def main(quick: bool) -> None:
         print("(c) done", flush=True)
     finally:
         server.close()
-    text = table(a, b, c, c_small)
+    text = table(a, b, c, c_small, (speed_before, loop_ms()))
     print(text)
     write_section(text)
 
