@@ -54,7 +54,9 @@ def make_request(**changes: Any) -> LLMRequest:
         "schema": SECTION_SCHEMA,
         "schema_name": "section market",
         "language": "en",
-        "timeout_s": 5.0,
+        # Generous: an answer comes at once unless a test asks for a slow one, and a
+        # stall of the shared test machine must not read as a provider timeout.
+        "timeout_s": 30.0,
     }
     fields.update(changes)
     return LLMRequest(**fields)
