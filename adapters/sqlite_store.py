@@ -296,16 +296,19 @@ class SqliteStore(JobStore):
             row = await cur.fetchone()
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
+    async def _rows_in(self, sql: str, values: list[str]) -> list[Any]:
+        """Rows of ``sql``, whose ``IN ({marks})`` is filled with ``values`` in chunks
+        (SQLite caps the bound parameters of one statement)."""
+        rows: list[Any] = []
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            async with self.db.execute(sql.format(marks=",".join("?" * len(chunk))), chunk) as cur:
+                rows.extend(await cur.fetchall())
+        return rows
+
     async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
-        found: dict[str, Artifact] = {}
-        for start in range(0, len(keys), 500):  # SQLite caps bound parameters
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            async with self.db.execute(
-                f"SELECT key, doc FROM cache WHERE key IN ({marks})", chunk
-            ) as cur:
-                for key, doc in await cur.fetchall():
-                    found[key] = Artifact.from_dict(json.loads(doc))
+        rows = await self._rows_in("SELECT key, doc FROM cache WHERE key IN ({marks})", keys)
+        found = {key: Artifact.from_dict(json.loads(doc)) for key, doc in rows}
         return [found.get(key) for key in keys]
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
@@ -400,12 +403,5 @@ class SqliteStore(JobStore):
             return await cur.fetchone() is not None
 
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
-        found: set[str] = set()
-        for start in range(0, len(job_ids), 500):  # SQLite caps bound parameters
-            chunk = job_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            async with self.db.execute(
-                f"SELECT job_id FROM cancels WHERE job_id IN ({marks})", chunk
-            ) as cur:
-                found.update(row[0] for row in await cur.fetchall())
-        return found
+        rows = await self._rows_in("SELECT job_id FROM cancels WHERE job_id IN ({marks})", job_ids)
+        return {row[0] for row in rows}

@@ -20,13 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "BENCHMARKS.md"
-START, END = "<!-- instructions:start -->", "<!-- instructions:end -->"
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_section  # noqa: E402 - after sys.path
 
 
 def instructions(tree: Path, jobs: int, out_dir: Path) -> int:
@@ -73,21 +73,6 @@ def checkout(ref: str, into: Path) -> Path:
     return tree
 
 
-def write_section(text: str) -> None:
-    body = (
-        f"{START}\n## Instructions per job (`bench/instructions.py`)\n\n"
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n{text}{END}"
-    )
-    current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, _, rest = current.partition(START)
-        _, _, tail = rest.partition(END)
-        current = head + body + tail
-    else:
-        current = current.rstrip("\n") + "\n\n" + body + "\n"
-    BENCHMARKS.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="a git revision to measure beside the working tree")
@@ -118,7 +103,7 @@ def main() -> None:
         "depend on the machine's load.\n"
     )
     print(text)
-    write_section(text)
+    write_section("instructions", "Instructions per job (`bench/instructions.py`)", text)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_section  # noqa: E402 - after sys.path
 from tests.support.redis_server import RedisServer, free_port  # noqa: E402 - after sys.path
 
-BENCHMARKS = ROOT / "BENCHMARKS.md"
-START, END = "<!-- throughput:start -->", "<!-- throughput:end -->"
 FLOOR_QUEUE = "bench-floor"
 NOOP_QUEUE = "bench-noop"
 BODY = {
@@ -479,21 +478,6 @@ def table(
     return "\n".join(rows) + "\n" + note + "\n" + bound
 
 
-def write_section(text: str) -> None:
-    body = (
-        f"{START}\n## Throughput of the redis backend (`bench/throughput.py`)\n\n"
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n{text}{END}"
-    )
-    current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, _, rest = current.partition(START)
-        _, _, tail = rest.partition(END)
-        updated = head + body + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + body + "\n"
-    BENCHMARKS.write_text(updated)
-
-
 async def main(quick: bool) -> None:
     import structlog
 
@@ -523,7 +507,7 @@ async def main(quick: bool) -> None:
         server.close()
     text = table(a, b, c, c_small, (speed_before, loop_ms()))
     print(text)
-    write_section(text)
+    write_section("throughput", "Throughput of the redis backend (`bench/throughput.py`)", text)
 
 
 if __name__ == "__main__":
