@@ -53,7 +53,8 @@ see its float literals."""
 
 def canonical_json(value: Any) -> bytes:
     """Canonical JSON: sorted keys, compact separators, UTF-8 (SPEC §5), floats as
-    Python writes them and NaN/infinity as ``null`` (as every store and the API write them).
+    Python writes them and NaN/infinity as ``null`` (as msgspec, the Redis store and the
+    API write them; answers validated by pydantic never hold them).
 
     Encoded by msgspec in C (it was a twentieth of a worker's CPU per step); where its
     float form could differ from Python's, ``json.dumps`` writes it instead."""
