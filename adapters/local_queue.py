@@ -23,7 +23,7 @@ class LocalQueue(Queue):
 
     def __init__(
         self,
-        run: Callable[[str], Awaitable[None]],
+        run: Callable[[str], Awaitable[object]],
         store: JobStore,
         concurrency: int = 4,
     ) -> None:

@@ -45,10 +45,6 @@ class Container:
         return await run_job(job_id, self.deps)
 
 
-async def _run_delivery(job_id: str, deps: Deps) -> None:
-    await run_job(job_id, deps)
-
-
 def _load(module: str, attr: str, extra: str) -> Any:
     try:
         return getattr(importlib.import_module(module), attr)
@@ -88,7 +84,7 @@ def build_store(settings: Settings) -> JobStore:
     raise ValueError(f"JOBS_STORE_URL: unsupported scheme {url.scheme!r}")
 
 
-def build_queue(settings: Settings, run: Callable[[str], Awaitable[None]], store: JobStore) -> Queue:
+def build_queue(settings: Settings, run: Callable[[str], Awaitable[object]], store: JobStore) -> Queue:
     url = urlparse(settings.queue_url)
     if url.scheme == "memory":
         from adapters.local_queue import LocalQueue
@@ -178,6 +174,6 @@ def bootstrap(
     limiter = limiter if limiter is not None else build_limiter(settings)
     deps = Deps(store=store, llm=llm, config=config or pipeline_config(settings), limiter=limiter)
 
-    queue = queue or build_queue(settings, partial(_run_delivery, deps=deps), store)
+    queue = queue or build_queue(settings, partial(run_job, deps=deps), store)
     service = JobService(deps, queue, backend=settings.backend)
     return Container(settings, store, queue, llm, limiter, deps, service)
