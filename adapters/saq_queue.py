@@ -67,8 +67,8 @@ _UNHEARD = frozenset({Status.ACTIVE, Status.COMPLETE})
 
 
 class JobqRedisQueue(RedisQueue):
-    """SAQ's Redis queue with four changes: a clean shutdown, no double runs, and
-    fewer round trips per job.
+    """SAQ's Redis queue with five changes: a clean shutdown, no double runs, and
+    fewer round trips.
 
     - ``should_stop``: once it returns true (the worker got SIGTERM), a job that a
       blocked ``dequeue`` still receives is pushed back to the head of the queue
@@ -81,6 +81,7 @@ class JobqRedisQueue(RedisQueue):
     - ``sweep_abort_wait_s``: how long a sweep waits for a stuck job's worker to
       acknowledge the abort before re-queueing it (SAQ's fixed 5 s otherwise).
     - ``notify``: no pub/sub message when a job starts or completes (nobody listens).
+    - ``version``: one ``INFO`` per worker, not one per idle slot at start.
     """
 
     def __init__(
@@ -95,6 +96,15 @@ class JobqRedisQueue(RedisQueue):
         self.settle_s = settle_s
         self.should_stop: Callable[[], bool] = lambda: False
         self._sweep_list = redis.register_script(_SWEEP_LIST)
+        self._version_lock = asyncio.Lock()
+
+    async def version(self) -> tuple[int, ...]:
+        """SAQ asks for the server version before every dequeue and caches it; with no
+        lock, every idle slot of a fresh worker sent its own ``INFO`` at once."""
+        if self._version is None:
+            async with self._version_lock:
+                return await super().version()
+        return self._version
 
     async def notify(self, job: SaqJob) -> None:
         """SAQ publishes every status change for listeners (``Job.refresh``). Here the

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -159,8 +159,8 @@ class JobRun:
         self.limit = self.request.parallel_limit
         self.done: dict[str, Artifact] = {}
         """Finished steps -> artifact, from the moment the artifact is made."""
-        self.stored: set[str] = set()
-        """Finished steps whose artifact is in the store: only these feed later steps."""
+        self.fresh: set[str] = set()
+        """LLM steps whose artifact a call of this delivery made (not the cache)."""
         self.steps: dict[str, str] = {**initial_steps(), **job.steps}
         self.progress: JSON = dict(job.progress) or initial_progress()
         self.running: dict[str, float] = {}
@@ -178,8 +178,13 @@ class JobRun:
         self._written = 0
         self._unwritten_since: float | None = None
         self._timer: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Future[bool] | None = None
+        self._inflight: asyncio.Future[Any] | None = None
+        """The last commit if its flush did not see it end (cut off, or written behind)."""
         self._stopped = False
+        self._lost: BaseException | None = None
+        """Why a commit that carried artifacts failed: no later commit may land."""
+        self._writes: set[asyncio.Task[None]] = set()
+        self._write_failed: asyncio.Future[None] | None = None
         self._cache_keys: dict[str, str] = {}
         self._status_of: Job | None = None
         self._status_base: JSON = {}
@@ -190,8 +195,17 @@ class JobRun:
 
     # -- delivery ---------------------------------------------------------
 
-    async def execute(self) -> Job | None:
-        await self._load_checkpoints()
+    async def execute(self, checkpoints: list[Artifact] | None = None) -> Job | None:
+        """Run the delivery. ``checkpoints``: the job's stored artifacts, if the caller
+        read them already (read here otherwise).
+
+        The write that marks the job running goes out without being waited for:
+        every later commit of the run waits for it first and takes in its outcome
+        (:meth:`_settle_cut_off_commit`), so the first steps start at once, and a
+        job that is no longer active stops the run at its first commit."""
+        if checkpoints is None:
+            checkpoints = await self.store.list_artifacts(self.job.id)
+        self._load_checkpoints(checkpoints)
         log.info(
             "job_started",
             job_id=self.job.id,
@@ -200,24 +214,24 @@ class JobRun:
             parallel_limit=self.limit,
             provider=self.deps.llm.name,
         )
-        job = await self.store.update(
-            self.job.id,
-            expect=ACTIVE_STATUSES,
-            events=[self._status()],
-            status=RUNNING,
-            attempts=self.job.attempts,
-            started_at=self.started_at,
-            steps=dict(self.steps),
-            progress=dict(self.progress),
+        self._inflight = asyncio.ensure_future(
+            self.store.update(
+                self.job.id,
+                expect=ACTIVE_STATUSES,
+                events=[self._status()],
+                status=RUNNING,
+                attempts=self.job.attempts,
+                started_at=self.started_at,
+                steps=dict(self.steps),
+                progress=dict(self.progress),
+            )
         )
-        if job is None:
-            return await self.store.get(self.job.id)
-        self.job = job
         try:
             return await self._run()
         finally:
-            if self._timer is not None:
-                await _stop(self._timer)
+            # Each final write (completion, failure, shutdown flush) went after these
+            # under the write lock; what is left of them has nothing more to write.
+            await _stop(*self._writes, *([self._timer] if self._timer else []))
 
     async def _run(self) -> Job | None:
         if time.time() >= self.deadline:
@@ -269,13 +283,12 @@ class JobRun:
             return None
         return min(self.running, key=lambda name: self.running[name])
 
-    async def _load_checkpoints(self) -> None:
-        stored = {a.name: a for a in await self.store.list_artifacts(self.job.id)}
+    def _load_checkpoints(self, checkpoints: list[Artifact]) -> None:
+        stored = {a.name: a for a in checkpoints}
         for step in STEPS:
             artifact = stored.get(step.artifact)
             if artifact is not None and verify_artifact(artifact):
                 self.done[step.name] = artifact
-                self.stored.add(step.name)
                 if self.steps[step.name] not in (STEP_COMPLETED, STEP_CACHED):
                     self.steps[step.name] = STEP_COMPLETED
             else:
@@ -284,11 +297,11 @@ class JobRun:
     # -- scheduling -------------------------------------------------------
 
     def ready(self, seen: set[str]) -> list[Step]:
-        """Steps not yet seen whose inputs are all stored, in graph order."""
+        """Steps not yet seen whose inputs are all made, in graph order."""
         return [
             s
             for s in STEPS
-            if s.name not in seen and all(d in self.stored for d in s.depends_on)
+            if s.name not in seen and all(d in self.done for d in s.depends_on)
         ]
 
     async def schedule(self) -> Artifact:
@@ -298,32 +311,38 @@ class JobRun:
         waiting: list[tuple[float, int, str]] = []
         seen: set[str] = set(self.done)
         llm_running = 0
+        write_failed = self._write_failed = asyncio.get_running_loop().create_future()
         try:
-            while FINAL_STEP not in self.done:
-                for step in await self.start_free_steps(seen, tasks):
+            while True:
+                for step in await self.start_free_steps(seen):
                     rank = (-self.priority[step.name], STEP_ORDER[step.name], step.name)
                     heapq.heappush(waiting, rank)
+                if FINAL_STEP in self.done:
+                    return self.done[FINAL_STEP]
                 while waiting and llm_running < self.limit:
                     step = STEP_BY_NAME[heapq.heappop(waiting)[2]]
                     tasks[asyncio.create_task(self.run_step(step))] = step
                     llm_running += 1
                 if not tasks:
                     raise RuntimeError("scheduler stalled: no step ready")
-                finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    if tasks.pop(task).uses_llm:
+                waited: list[asyncio.Future[Any]] = [*tasks, write_failed]
+                finished, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+                if write_failed in finished:
+                    write_failed.result()
+                for task in finished - {write_failed}:
+                    if tasks.pop(cast("asyncio.Task[Artifact]", task)).uses_llm:
                         llm_running -= 1
                     task.result()
-            return self.done[FINAL_STEP]
         finally:
+            self._write_failed = None
+            write_failed.cancel()
             await _stop(*tasks)
 
-    async def start_free_steps(
-        self, seen: set[str], tasks: dict[asyncio.Task[Artifact], Step]
-    ) -> list[Step]:
-        """Mark newly ready steps seen: start code steps, serve cache hits at once
+    async def start_free_steps(self, seen: set[str]) -> list[Step]:
+        """Mark newly ready steps seen: run code steps and serve cache hits at once
         (which may make more steps ready), and return the LLM steps that need a slot.
-        The cache is asked about all newly ready steps in one lookup."""
+        The cache is asked about all newly ready steps in one lookup. Code steps run
+        inline: they are short, and a task would cost their dependents a loop turn."""
         need_slot: list[Step] = []
         progressed = True
         while progressed:
@@ -334,21 +353,16 @@ class JobRun:
                 if step.uses_llm:
                     llm_ready.append(step)
                 else:
-                    tasks[asyncio.create_task(self.run_step(step))] = step
+                    self.run_code_step(step)
+                    progressed = True
             hits: list[tuple[Step, Artifact]] = []
             for step, hit in zip(llm_ready, await self._cache_lookup(llm_ready), strict=True):
                 if hit is None:
                     need_slot.append(step)
                 else:
                     hits.append((step, hit))
-            if hits:
-                generation = 0
-                for step, hit in hits:
-                    generation = self._record_finish(step, hit, cached=True)
-                await self._flush(generation)
-                for step, hit in hits:
-                    self.stored.add(step.name)
-                    self._log_finished(step, hit, cached=True)
+            for step, hit in hits:
+                self._finish(step, hit, cached=True)
                 progressed = True
         return need_slot
 
@@ -373,32 +387,40 @@ class JobRun:
 
     async def run_step(self, step: Step) -> Artifact:
         """Produce, store and announce the artifact of one step."""
+        if not step.uses_llm:
+            return self.run_code_step(step)
         self._mark_started(step)
-        if step.uses_llm:
-            call = StepCall(
-                self.job.id,
-                step.name,
-                self.request.language,
-                self.inputs(step),
-                self.deadline,
-                {self.done[d].name: self.done[d].hash for d in step.depends_on},
-                trace=self._trace,
-            )
-            started = time.monotonic()
-            try:
-                data = await call_llm_step(self.deps, call)
-            except LLMError as exc:
-                raise StepFailed(exc.code, exc.message, step.name) from exc
-            model = self.deps.config.model_for(step.name)
-            self.deps.latency.observe(step.name, model, time.monotonic() - started)
-        else:
-            try:
-                data = self._compute(step)
-            except Exception as exc:
-                message = f"{type(exc).__name__}: {exc}"
-                raise StepFailed("internal_error", message, step.name) from exc
+        call = StepCall(
+            self.job.id,
+            step.name,
+            self.request.language,
+            self.inputs(step),
+            self.deadline,
+            {self.done[d].name: self.done[d].hash for d in step.depends_on},
+            trace=self._trace,
+        )
+        started = time.monotonic()
+        try:
+            data = await call_llm_step(self.deps, call)
+        except LLMError as exc:
+            raise StepFailed(exc.code, exc.message, step.name) from exc
+        model = self.deps.config.model_for(step.name)
+        self.deps.latency.observe(step.name, model, time.monotonic() - started)
+        self.fresh.add(step.name)
         artifact = make_artifact(step.artifact, step.artifact_type, data)
-        await self._finish(step, artifact, cached=False)
+        self._finish(step, artifact, cached=False)
+        return artifact
+
+    def run_code_step(self, step: Step) -> Artifact:
+        """``run_step`` of a step computed here (no LLM): it does not wait for anything."""
+        self._mark_started(step)
+        try:
+            data = self._compute(step)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            raise StepFailed("internal_error", message, step.name) from exc
+        artifact = make_artifact(step.artifact, step.artifact_type, data)
+        self._finish(step, artifact, cached=False)
         return artifact
 
     def _compute(self, step: Step) -> Any:
@@ -415,16 +437,27 @@ class JobRun:
         raise ValueError(f"no code for step {step.name}")
 
     async def _cache_lookup(self, steps: list[Step]) -> list[Artifact | None]:
-        """Cached artifacts of ``steps`` (``None`` where there is no valid one)."""
-        if self.request.skip_cache or not steps:
+        """Cached artifacts of ``steps`` (``None`` where there is no valid one).
+
+        A step with an input that an LLM call of this delivery just wrote is not
+        looked up: its key holds the hash of that new answer, which an earlier job
+        can only have stored if a different prompt drew the very same answer. Not
+        asking saves a store round trip between a step's end and its dependents'
+        calls, which under load is what a job waits for most."""
+        asked = [s for s in steps if not self.fresh.intersection(s.depends_on)]
+        if self.request.skip_cache or not asked:
             return [None] * len(steps)
-        found = await self.store.cache_get_many([self.cache_key(step) for step in steps])
-        return [
-            make_artifact(step.artifact, step.artifact_type, hit.data)
-            if hit is not None and hit.name == step.artifact and verify_artifact(hit)
-            else None
-            for step, hit in zip(steps, found, strict=True)
-        ]
+        found = dict(
+            zip(asked, await self.store.cache_get_many([self.cache_key(s) for s in asked]),
+                strict=True)
+        )
+        hits: list[Artifact | None] = []
+        for step in steps:
+            hit = found.get(step)
+            valid = hit is not None and hit.name == step.artifact and verify_artifact(hit)
+            hits.append(make_artifact(step.artifact, step.artifact_type, hit.data)
+                        if hit is not None and valid else None)
+        return hits
 
     # -- bookkeeping ------------------------------------------------------
 
@@ -497,6 +530,8 @@ class JobRun:
                 raise _Stopped
             if self._written >= target and changes is None:
                 return
+            if self._lost is not None:
+                raise self._lost
             generation = self._buffered
             buffered, self._events = self._events, []
             artifacts, self._artifacts = self._artifacts, []
@@ -509,7 +544,7 @@ class JobRun:
                     self.job.id,
                     expect={RUNNING},
                     changes=fields,
-                    events=_last_status_only([*buffered, *(events or ())]),
+                    events=self._materialized(_last_status_only([*buffered, *(events or ())])),
                     artifacts=artifacts,
                     cache=cache,
                     traces=traces,
@@ -518,15 +553,26 @@ class JobRun:
             self._inflight = commit
             # Shielded: a step cancelled mid-write (deadline, cancel, shutdown) still
             # has its write finish whole; the next flush waits for it (event order).
-            held = await asyncio.shield(commit)
+            try:
+                held: object = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._inflight = None
+                self._commit_failed(exc, bool(artifacts))
+                raise
             self._inflight = None
             if not held:
                 self._stopped = True
                 raise _Stopped
             self._written = generation
 
+    def _materialized(self, events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
+        """``events`` with the status placeholder made into the job's status now."""
+        return [self._status() if event is _STATUS_AT_COMMIT else event for event in events]
+
     async def _settle_cut_off_commit(self) -> None:
-        """Wait for a commit whose flush was cancelled, and take in its outcome."""
+        """Wait for a commit no flush saw end, and take in its outcome."""
         commit, self._inflight = self._inflight, None
         if commit is None:
             return
@@ -536,8 +582,17 @@ class JobRun:
         exc = commit.exception()
         if exc is not None:
             log.warning("job_commit_failed", job_id=self.job.id, error=str(exc))
+            self._commit_failed(exc, carried_artifacts=True)
         elif not commit.result():
             self._stopped = True
+
+    def _commit_failed(self, exc: BaseException, carried_artifacts: bool) -> None:
+        """A lost commit that carried artifacts ends the delivery's writes: a later
+        step's checkpoint must never land without the ones before it. (A lost commit
+        of start marks and traces only loses status snapshots the next commit
+        repeats.) The next delivery resumes from what did land."""
+        if carried_artifacts and self._lost is None:
+            self._lost = exc
 
     def _flush_soon(self) -> None:
         """Make sure what is buffered is written within ``START_MARK_DELAY_S``."""
@@ -581,23 +636,34 @@ class JobRun:
         self.steps[step.name] = STEP_RUNNING
         self.running[step.name] = time.monotonic()
         self.progress = self._next_progress(step)
-        self._buffer(events=[self._status()])
+        self._buffer(events=[_STATUS_AT_COMMIT])
         self._flush_soon()
         log.info("step_started", job_id=self.job.id, step=step.name, display=step.display)
 
-    async def _finish(self, step: Step, artifact: Artifact, *, cached: bool) -> None:
+    def _finish(self, step: Step, artifact: Artifact, *, cached: bool) -> None:
         """Checkpoint: the artifact (and cache entry, trace) is stored by the same
         commit that marks the step done, and before the job's state changes. The
         final step's commit is the job's completion (``_complete``).
 
-        The flush waits one event-loop turn first: steps whose calls ended in the same
-        turn (parallel steps of equal latency) then share one commit."""
+        The commit is written behind: steps that depend on this one start at once,
+        without waiting for the store. Commits of a job go out one at a time in
+        order, so a later step's checkpoint never lands before this one; a failed
+        commit fails the schedule (:meth:`_write_behind`). Steps ending in the same
+        event-loop turn share one commit."""
         generation = self._record_finish(step, artifact, cached=cached)
         if step.name != FINAL_STEP:
-            await asyncio.sleep(0)
-            await self._flush(generation)
-        self.stored.add(step.name)
+            task = asyncio.create_task(self._write_behind(generation))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
         self._log_finished(step, artifact, cached=cached)
+
+    async def _write_behind(self, generation: int) -> None:
+        try:
+            await self._flush(generation)
+        except Exception as exc:  # handed to the schedule, which ends with it
+            failed = self._write_failed
+            if failed is not None and not failed.done():
+                failed.set_exception(exc)
 
     def _record_finish(self, step: Step, artifact: Artifact, *, cached: bool) -> int:
         self.done[step.name] = artifact
@@ -610,7 +676,7 @@ class JobRun:
             self._trace_records += 1
             self._cache_hits += 1
         return self._buffer(
-            events=[(EV_ARTIFACT, artifact.meta()), self._status()],
+            events=[(EV_ARTIFACT, artifact.meta()), _STATUS_AT_COMMIT],
             artifacts=[artifact],
             cache=[(self.cache_key(step), artifact)] if step.uses_llm and not cached else [],
             traces=traces,
@@ -689,6 +755,12 @@ class JobRun:
             self.deps, self._current(), status, error, frozenset({RUNNING}),
             steps=dict(self.steps),
         )
+
+
+_STATUS_AT_COMMIT: tuple[str, JSON] = (EV_STATUS, {})
+"""A buffered ``status`` event, made when its commit goes out: a commit keeps only its
+last status (:func:`_last_status_only`), and the state then is the state the last one
+was buffered for, since every change of steps or progress buffers one."""
 
 
 def _last_status_only(events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
@@ -810,13 +882,16 @@ async def run_job(job_id: str, deps: Deps, *, run_cls: type[JobRun] = JobRun) ->
 
 async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None:
     store = deps.store
-    job = await store.get(job_id)
+    # One round trip: the checkpoints are read along, as a job to run is the rule.
+    job, cancel_requested, checkpoints = await asyncio.gather(
+        store.get(job_id), store.cancel_requested(job_id), store.list_artifacts(job_id)
+    )
     if job is None:
         log.warning("job_unknown", job_id=job_id)
         return None
     if job.status in TERMINAL_STATUSES:
         return job
-    if await store.cancel_requested(job_id):
+    if cancel_requested:
         return await _end(
             deps, job, CANCELLED, _error("cancelled", "cancelled before it started"),
             ACTIVE_STATUSES,
@@ -840,4 +915,4 @@ async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None
             deps, job, FAILED, _error("invalid_request", message), ACTIVE_STATUSES,
             attempts=attempts, started_at=started,
         )
-    return await run.execute()
+    return await run.execute(checkpoints)

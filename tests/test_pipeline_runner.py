@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from adapters.constants import CANCELLED, COMPLETED, FAILED, RUNNING
-from adapters.ports import Event, Job, JobStore, LLMError, LLMReply, LLMRequest
+from adapters.ports import Event, Job, JobStore, LLMError, LLMReply, LLMRequest, StoreUnavailable
 from adapters.sqlite_store import SqliteStore
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.graph import LLM_STEPS, STEP_BY_NAME, STEP_NAMES, STEPS
@@ -253,12 +253,13 @@ async def test_killed_delivery_resumes_without_repeating_finished_steps(store: S
 
 async def test_progress_never_decreases_in_the_event_log(store: SqliteStore) -> None:
     """percentage and currentStep of consecutive status events never go down, ending at 100/15."""
-    job_id = await new_job(store, parallel_limit=4)
-    await run_job(job_id, Deps(store, OfflineProvider(latency_ms=5), FAST))
+    job_id = await new_job(store, parallel_limit=1)
+    await run_job(job_id, Deps(store, OfflineProvider(latency_ms=30), FAST))
     events = await store.read_events(job_id)
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     progress = [e.data["progress"] for e in events if e.type == "status"]
-    assert len({p["percentage"] for p in progress}) >= 8  # moves step by step
+    # Moves step by step: each call is slower than a commit, so each step end has its own.
+    assert len({p["percentage"] for p in progress}) >= 12
     for before, after in itertools.pairwise(progress):
         assert after["percentage"] >= before["percentage"]
         assert after["currentStep"] >= before["currentStep"]
@@ -343,3 +344,97 @@ async def test_learned_step_durations_steer_the_critical_path(store: SqliteStore
     assert order.index("team") == 2
     estimate = deps.latency.estimate("market", "offline")
     assert estimate is not None and estimate < 0.1, "the run did not feed what it saw back"
+
+
+class _SlowCommits(SqliteStore):
+    """A store whose commits take ``delay_s`` and which logs what they carried."""
+
+    def __init__(self, log: list[tuple[str, str]], delay_s: float) -> None:
+        super().__init__(":memory:")
+        self.log = log
+        self.delay_s = delay_s
+
+    async def commit(self, job_id: str, **parts: Any) -> bool:
+        await asyncio.sleep(self.delay_s)
+        held = await super().commit(job_id, **parts)
+        self.log.extend(("committed", a.name) for a in parts.get("artifacts", ()))
+        return held
+
+
+class _LoggedProvider(OfflineProvider):
+    def __init__(self, log: list[tuple[str, str]], latency_ms: float = 0) -> None:
+        super().__init__(latency_ms)
+        self.log = log
+
+    async def complete(self, request: LLMRequest) -> LLMReply:
+        self.log.append(("called", request.step))
+        return await super().complete(request)
+
+
+def _inputs_committed_first(log: list[tuple[str, str]]) -> None:
+    committed = [name for kind, name in log if kind == "committed"]
+    for step in STEPS:
+        if step.artifact in committed:
+            for dep in step.depends_on:
+                dep_artifact = STEP_BY_NAME[dep].artifact
+                assert dep_artifact in committed, (step.name, dep)
+                assert committed.index(dep_artifact) <= committed.index(step.artifact)
+
+
+async def test_dependent_steps_do_not_wait_for_the_store() -> None:
+    """Dependents call the LLM before a step's checkpoint is written; checkpoints land in graph order."""
+    log: list[tuple[str, str]] = []
+    store = _SlowCommits(log, delay_s=0.05)
+    await store.open()
+    try:
+        job_id = await new_job(store, parallel_limit=1)
+        job = await run_job(job_id, Deps(store, _LoggedProvider(log), FAST))
+        assert job is not None and job.status == COMPLETED
+        assert log.index(("called", "brief")) < log.index(("committed", "pitch"))
+        _inputs_committed_first(log)
+        assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
+    finally:
+        await store.close()
+
+
+class _LosesACommit(_SlowCommits):
+    """The ``lose``-th commit that carries artifacts fails (after the usual delay) as an
+    unreachable store would."""
+
+    def __init__(self, log: list[tuple[str, str]], lose: int) -> None:
+        super().__init__(log, delay_s=0.02)
+        self.left = lose
+
+    async def commit(self, job_id: str, **parts: Any) -> bool:
+        if parts.get("artifacts"):
+            self.left -= 1
+            if self.left == 0:
+                await asyncio.sleep(self.delay_s)
+                raise StoreUnavailable("store went away")
+        return await super().commit(job_id, **parts)
+
+
+async def test_a_lost_checkpoint_stops_later_ones_and_the_next_delivery_completes() -> None:
+    """After a lost checkpoint no later one lands; the next delivery redoes what was lost and completes."""
+    log: list[tuple[str, str]] = []
+    store = _LosesACommit(log, lose=2)
+    await store.open()
+    try:
+        job_id = await new_job(store, parallel_limit=2)
+        # Calls faster than a commit: later steps end while the lost commit is out.
+        llm = _LoggedProvider(log, latency_ms=5)
+        with pytest.raises(StoreUnavailable):
+            await run_job(job_id, Deps(store, llm, FAST))
+        landed = {a.name for a in await store.list_artifacts(job_id)}
+        assert landed and len(landed) < len(STEPS)
+        _inputs_committed_first(log)
+        after_loss = len(log)
+
+        job = await run_job(job_id, Deps(store, llm, FAST))
+        assert job is not None and job.status == COMPLETED and job.attempts == 2
+        redone = {name for kind, name in log[after_loss:] if kind == "called"}
+        assert not redone & {s.name for s in STEPS if s.artifact in landed}
+        _inputs_committed_first(log)
+        assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
+    finally:
+        await store.close()
