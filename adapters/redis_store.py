@@ -75,7 +75,7 @@ MAX_CONNECTIONS = 128
 """Per process and pool; callers beyond it wait for a free connection. Managed Redis
 plans cap connections (Render Key Value starter: a few hundred for all services)."""
 AUTO_PIPELINES_IN_FLIGHT = 2
-"""Auto-pipelines out at once per store (see ``_AutoPipeline``)."""
+"""Auto-pipelines out at once per client (see ``AutoPipeline``)."""
 MAX_BLOCKING_CONNECTIONS = 4096
 
 _RAW_FIELDS = frozenset({"status", "tenant"})
@@ -322,7 +322,7 @@ def _members(rows: Any) -> list[tuple[str, float]]:
     return [(_text(member), float(score)) for member, score in rows]
 
 
-class _AutoPipeline:
+class AutoPipeline:
     """Commands issued in the same event-loop turn, by any task, go to Redis as one
     pipeline (one connection checkout, one write, one read of all replies), so a
     worker running many jobs pays the client's per-command overhead once per turn
@@ -384,6 +384,14 @@ class _AutoPipeline:
             else:
                 reply.set_result(value)
 
+    async def eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """``script`` by EVALSHA in a batch; loaded again if Redis forgot it (a restart)."""
+        try:
+            return await self.submit("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            async with asyncio.timeout(OP_TIMEOUT_S):
+                return await script(keys=keys, args=args)
+
 
 class RedisStore(JobStore):
     """``JobStore`` on ``redis.asyncio``; a job's keys expire ``ttl_s`` after its last write."""
@@ -413,7 +421,7 @@ class RedisStore(JobStore):
         )
         self._create_script = self._redis.register_script(_CREATE)
         self._commit_script = self._redis.register_script(_COMMIT)
-        self._auto = _AutoPipeline(self._redis)
+        self._auto = AutoPipeline(self._redis)
         self._delete_script = self._redis.register_script(_DELETE)
         self._prune_script = self._redis.register_script(_PRUNE)
         self._put_artifact_script = self._redis.register_script(_PUT_ARTIFACT)
@@ -457,12 +465,13 @@ class RedisStore(JobStore):
             raise StoreUnavailable(f"redis: {exc}") from exc
 
     async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
-        """``script`` by EVALSHA through the auto-pipeline; loaded again if Redis forgot it."""
+        """``script`` through the auto-pipeline, errors as in :meth:`_call`."""
         try:
-            return await self._call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted Redis forgot it: load it and run again
-            async with self._op():
-                return await script(keys=keys, args=args)
+            return await self._auto.eval(script, keys, args)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"redis did not answer within {OP_TIMEOUT_S:g}s") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"redis: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _op(self, timeout_s: float = OP_TIMEOUT_S) -> AsyncIterator[None]:
