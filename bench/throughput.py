@@ -359,7 +359,8 @@ async def bench_worker(url: str, logs: Path, jobs: int, noop_jobs: int, runs: in
 async def bench_concurrency(
     url: str, logs: Path, jobs: int, latency_ms: int, run: int
 ) -> dict[str, float]:
-    """One run of (c): ``jobs`` submitted at once to an idle worker with ``jobs`` slots."""
+    """One run of (c): ``jobs`` queued at once (submitted while the worker is paused by
+    SIGSTOP), then taken by the worker with ``jobs`` slots."""
     from adapters.saq_queue import SaqQueue
     from pipeline.graph import lower_bound
 
@@ -392,7 +393,13 @@ async def bench_concurrency(
 
         sampler = asyncio.create_task(sample())
         cpu_before = cpu_s(worker.pid)
-        ids = await submit_jobs(url, prefix, jobs)
+        # All jobs wait in the queue before the worker takes any: submitting 200 takes
+        # the bench client ~0.4 s, which is not the worker's time to measure.
+        os.kill(worker.pid, signal.SIGSTOP)
+        try:
+            ids = await submit_jobs(url, prefix, jobs)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
         first, last, durations = await job_window(url, prefix, ids, 600)
         worker_cpu = cpu_s(worker.pid) - cpu_before
         sampling = False

@@ -94,8 +94,13 @@ TOTAL_STEPS = len(STEPS)
 FINAL_STEP = "assemble"
 
 
+CHILDREN: dict[str, tuple[str, ...]] = {
+    step.name: tuple(s.name for s in STEPS if step.name in s.depends_on) for step in STEPS
+}
+
+
 def children(name: str) -> tuple[str, ...]:
-    return tuple(s.name for s in STEPS if name in s.depends_on)
+    return CHILDREN[name]
 
 
 def input_artifacts(step: Step) -> tuple[str, ...]:
@@ -116,7 +121,7 @@ def remaining_chain(latency: Latency = unit_llm_latency) -> dict[str, float]:
     the step itself included. Higher means more urgent (critical-path priority)."""
     result: dict[str, float] = {}
     for step in reversed(STEPS):  # STEPS is topologically ordered
-        tail = max((result[c] for c in children(step.name)), default=0.0)
+        tail = max([result[c] for c in CHILDREN[step.name]], default=0.0)
         result[step.name] = latency(step.name) + tail
     return result
 

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -305,38 +305,55 @@ class JobRun:
         ]
 
     async def schedule(self) -> Artifact:
-        """Sliding window: refill free LLM slots whenever any step ends, highest
-        remaining-chain priority first. Code steps and cache hits take no slot."""
-        tasks: dict[asyncio.Task[Artifact], Step] = {}
-        waiting: list[tuple[float, int, str]] = []
+        """Sliding window: ``parallel_limit`` slots, each running one LLM step after
+        another, the ready step with the longest remaining chain first. Code steps
+        and cache hits take no slot: whoever makes them ready runs them.
+
+        A slot goes from a step's end to its next step's call without giving up the
+        event loop (unless the cache must be asked). With many jobs per process the
+        step ends arrive in bursts, and every turn given up puts a job behind the
+        whole burst; one turn keeps the jobs' calls as spread out as they ended."""
+        ready: _ReadySteps = _ReadySteps(self.priority)
         seen: set[str] = set(self.done)
-        llm_running = 0
+        ready.add(await self.start_free_steps(seen))
+        if FINAL_STEP in self.done:
+            return self.done[FINAL_STEP]
         write_failed = self._write_failed = asyncio.get_running_loop().create_future()
+        slots = {
+            asyncio.create_task(self._slot(seen, ready), name=f"job:{self.job.id}:slot")
+            for _ in range(self.limit)
+        }
         try:
-            while True:
-                for step in await self.start_free_steps(seen):
-                    rank = (-self.priority[step.name], STEP_ORDER[step.name], step.name)
-                    heapq.heappush(waiting, rank)
-                if FINAL_STEP in self.done:
-                    return self.done[FINAL_STEP]
-                while waiting and llm_running < self.limit:
-                    step = STEP_BY_NAME[heapq.heappop(waiting)[2]]
-                    tasks[asyncio.create_task(self.run_step(step))] = step
-                    llm_running += 1
-                if not tasks:
+            while FINAL_STEP not in self.done:
+                if not slots:
                     raise RuntimeError("scheduler stalled: no step ready")
-                waited: list[asyncio.Future[Any]] = [*tasks, write_failed]
+                waited: list[asyncio.Future[Any]] = [*slots, write_failed]
                 finished, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-                if write_failed in finished:
-                    write_failed.result()
-                for task in finished - {write_failed}:
-                    if tasks.pop(cast("asyncio.Task[Artifact]", task)).uses_llm:
-                        llm_running -= 1
+                for task in finished:
                     task.result()
+                slots.difference_update(finished)
+            return self.done[FINAL_STEP]
         finally:
             self._write_failed = None
             write_failed.cancel()
-            await _stop(*tasks)
+            await _stop(*slots)
+
+    async def _slot(self, seen: set[str], ready: _ReadySteps) -> None:
+        """One LLM slot: run ready steps until the job's last step is done."""
+        while FINAL_STEP not in self.done:
+            step = ready.pop()
+            if step is None:
+                if not ready.running:
+                    break  # nothing ready and nothing that could make a step ready
+                await ready.more()
+                continue
+            ready.running += 1
+            try:
+                await self.run_step(step)
+                ready.add(await self.start_free_steps(seen))
+            finally:
+                ready.running -= 1
+        ready.wake_all()  # the job is done (or stalled): idle slots end too
 
     async def start_free_steps(self, seen: set[str]) -> list[Step]:
         """Mark newly ready steps seen: run code steps and serve cache hits at once
@@ -761,6 +778,44 @@ _STATUS_AT_COMMIT: tuple[str, JSON] = (EV_STATUS, {})
 """A buffered ``status`` event, made when its commit goes out: a commit keeps only its
 last status (:func:`_last_status_only`), and the state then is the state the last one
 was buffered for, since every change of steps or progress buffers one."""
+
+
+class _ReadySteps:
+    """LLM steps waiting for a slot, highest priority first, and the idle slots."""
+
+    def __init__(self, priority: dict[str, float]) -> None:
+        self.priority = priority
+        self.heap: list[tuple[float, int, str]] = []
+        self.idle: list[asyncio.Future[None]] = []
+        self.running = 0
+        """Slots in a step (its call, or finding what its end made ready)."""
+
+    def add(self, steps: Iterable[Step]) -> None:
+        for step in steps:
+            heapq.heappush(self.heap, (-self.priority[step.name], STEP_ORDER[step.name], step.name))
+        for _ in range(min(len(self.heap), len(self.idle))):
+            self._wake_one()
+
+    def pop(self) -> Step | None:
+        return STEP_BY_NAME[heapq.heappop(self.heap)[2]] if self.heap else None
+
+    async def more(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.idle.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self.idle:
+                self.idle.remove(waiter)
+
+    def _wake_one(self) -> None:
+        waiter = self.idle.pop(0)
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def wake_all(self) -> None:
+        while self.idle:
+            self._wake_one()
 
 
 def _last_status_only(events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
