@@ -4,7 +4,7 @@ Timings on a shared machine swing by a third from one minute to the next; the
 number of instructions a job executes does not. Two measures, each run under
 ``valgrind --tool=callgrind`` twice, with a small and a large number of jobs (the
 difference divided by the difference in jobs is the cost of one job, free of
-start-up), offline provider at zero latency, all jobs at once:
+start-up), offline provider at zero latency, 20 jobs at a time:
 
 - in process: ``bench/pipeline_overhead.py`` (``run_job`` on the Redis store, no SAQ);
 - worker: a real ``jobq worker`` process (SAQ included) taking jobs submitted to it.
@@ -43,6 +43,10 @@ from bench.throughput import (  # noqa: E402 - after sys.path
     wait_until,
 )
 
+CONCURRENCY = 20
+"""Jobs run at once. Under valgrind a process runs some fifty times slower, and with
+many more jobs per event-loop turn Redis replies wait past the 5 s operation timeout."""
+
 
 def instructions(tree: Path, jobs: int, out_dir: Path) -> int:
     """Instructions executed by one in-process run of ``jobs`` jobs in ``tree``."""
@@ -57,7 +61,7 @@ def instructions(tree: Path, jobs: int, out_dir: Path) -> int:
             "--jobs",
             str(jobs),
             "--concurrency",
-            str(jobs),
+            str(CONCURRENCY),
             "--backend",
             "redis",
         ],
@@ -78,12 +82,14 @@ def _totals(out: Path) -> int:
 
 async def worker_instructions(tree: Path, jobs: int, out_dir: Path, redis_url: str) -> int:
     """Instructions a ``jobq worker`` in ``tree`` executes from start to exit, running
-    ``jobs`` jobs submitted to it at once."""
+    ``jobs`` jobs submitted to it at once (``CONCURRENCY`` of them at a time)."""
     from adapters.saq_queue import SaqQueue
 
     prefix = f"instr-{tree.name}-{jobs}"
     out = out_dir / f"callgrind.worker.{tree.name}.{jobs}"
-    env = child_env(redis_url, prefix, LLM_OFFLINE_LATENCY_MS="0", WORKER_CONCURRENCY=str(jobs))
+    env = child_env(
+        redis_url, prefix, LLM_OFFLINE_LATENCY_MS="0", WORKER_CONCURRENCY=str(CONCURRENCY)
+    )
     proc = _under_callgrind([sys.executable, "-m", "handlers.cli", "worker"], tree, env, out)
     queue = SaqQueue(redis_url, prefix=prefix)
     try:
@@ -143,6 +149,9 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed")
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.getLogger("saq").setLevel(logging.WARNING)
     server = RedisServer.start(persistent=False)
     rows: list[tuple[str, float, float]] = []
@@ -173,10 +182,11 @@ def main() -> None:
     ]
     text = (
         "\n".join(lines)
-        + f"\n\nOffline provider at zero latency, all jobs at once, {args.large} jobs minus "
+        + f"\n\nOffline provider at zero latency, {CONCURRENCY} jobs at a time, {args.large} jobs minus "
         f"{args.small} jobs under callgrind. In process: `run_job` on Redis without SAQ; "
         "SAQ worker: a `jobq worker` process taking submitted jobs. The count does not "
-        "depend on the machine's load.\n"
+        "depend on the machine's load; it moves by a few percent between runs, as how "
+        "commands batch depends on timing.\n"
     )
     print(text)
     write_section("instructions", "Instructions per job (`bench/instructions.py`)", text)
