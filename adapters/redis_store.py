@@ -408,8 +408,6 @@ class RedisStore(JobStore):
         self.ttl_s = ttl_s
         # Normal commands: a refused connection is retried briefly (a Redis restart),
         # a timeout is not (a hung Redis should fail the request, not stall it).
-        # Normal commands: a refused connection is retried briefly (a Redis restart),
-        # a timeout is not (a hung Redis should fail the request, not stall it).
         self._redis = redis_client(url, max_connections=max_connections)
         # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): its
         # own pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.

@@ -434,7 +434,7 @@ async def median_concurrency(url: str, logs: Path, jobs: int, runs: int) -> dict
 def _concurrency_rows(c: dict[str, float], target: str) -> list[str]:
     jobs, runs, ideal = int(c["jobs"]), int(c["runs"]), c["ideal_s"]
     return [
-        f"| (c) {jobs} concurrent jobs at 200 ms/call: total (s), median of {runs} "
+        f"| (c) {jobs} jobs queued at once, 200 ms/call: total (s), median of {runs} "
         f"(range {c['min_total_s']:.2f}-{c['max_total_s']:.2f}) | {c['total_s']:.2f} "
         f"| {ideal:.2f} (ideal) | {c['total_s'] / ideal:.2f}x | {target} |",
         f"| (c) {jobs} jobs: mean job duration (s) | {c['mean_job_s']:.2f} | {ideal:.2f} (ideal) "
@@ -478,6 +478,9 @@ def table(
         "the run (the machine's speed at the time).\n"
     )
     bound = (
+        "In (c) the jobs are submitted while the worker is paused (SIGSTOP), so all wait in "
+        "the queue when it resumes; total is from the first job's start to the last one's "
+        "end. "
         f"At {c['jobs']:.0f} jobs the worker needed {c['worker_cpu_s']:.2f} s of CPU for a batch "
         f"whose ideal is {c['ideal_s']:.2f} s: one process's CPU, not the LLM latency, sets the "
         f"total there; at {c_small['jobs']:.0f} jobs it needed {c_small['worker_cpu_s']:.2f} s.\n"
