@@ -142,8 +142,9 @@ class JobRun:
     Store writes go through a small write-behind buffer (``_buffer`` / ``_flush``):
     events, artifacts, cache entries and trace records wait there and go out with
     the next :meth:`JobStore.commit`, which also stores the job's ``steps`` and
-    ``progress`` as they are then, in one round trip. A step's end flushes at
-    once (and waits for it); a step's "running" mark waits up to
+    ``progress`` as they are then, in one round trip. A step's end is flushed at
+    once, behind the run (nothing waits for it; see ``_finish``); a step's
+    "running" mark waits up to
     ``START_MARK_DELAY_S`` for such a write to ride along with. Events keep the
     order they were buffered in.
     """
