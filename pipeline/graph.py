@@ -97,10 +97,7 @@ FINAL_STEP = "assemble"
 CHILDREN: dict[str, tuple[str, ...]] = {
     step.name: tuple(s.name for s in STEPS if step.name in s.depends_on) for step in STEPS
 }
-
-
-def children(name: str) -> tuple[str, ...]:
-    return CHILDREN[name]
+"""Steps that depend directly on each step."""
 
 
 def input_artifacts(step: Step) -> tuple[str, ...]:

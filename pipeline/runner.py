@@ -196,16 +196,13 @@ class JobRun:
 
     # -- delivery ---------------------------------------------------------
 
-    async def execute(self, checkpoints: list[Artifact] | None = None) -> Job | None:
-        """Run the delivery. ``checkpoints``: the job's stored artifacts, if the caller
-        read them already (read here otherwise).
+    async def execute(self, checkpoints: list[Artifact]) -> Job | None:
+        """Run the delivery from ``checkpoints``, the job's stored artifacts.
 
         The write that marks the job running goes out without being waited for:
         every later commit of the run waits for it first and takes in its outcome
         (:meth:`_settle_cut_off_commit`), so the first steps start at once, and a
         job that is no longer active stops the run at its first commit."""
-        if checkpoints is None:
-            checkpoints = await self.store.list_artifacts(self.job.id)
         self._load_checkpoints(checkpoints)
         log.info(
             "job_started",
@@ -469,13 +466,14 @@ class JobRun:
             zip(asked, await self.store.cache_get_many([self.cache_key(s) for s in asked]),
                 strict=True)
         )
-        hits: list[Artifact | None] = []
-        for step in steps:
-            hit = found.get(step)
-            valid = hit is not None and hit.name == step.artifact and verify_artifact(hit)
-            hits.append(make_artifact(step.artifact, step.artifact_type, hit.data)
-                        if hit is not None and valid else None)
-        return hits
+        return [
+            make_artifact(step.artifact, step.artifact_type, hit.data)
+            if (hit := found.get(step)) is not None
+            and hit.name == step.artifact
+            and verify_artifact(hit)
+            else None
+            for step in steps
+        ]
 
     # -- bookkeeping ------------------------------------------------------
 
@@ -573,9 +571,7 @@ class JobRun:
             # has its write finish whole; the next flush waits for it (event order).
             try:
                 held: object = await asyncio.shield(commit)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except Exception as exc:  # not CancelledError: a cut-off commit is settled later
                 self._inflight = None
                 self._commit_failed(exc, bool(artifacts))
                 raise
@@ -600,6 +596,8 @@ class JobRun:
         exc = commit.exception()
         if exc is not None:
             log.warning("job_commit_failed", job_id=self.job.id, error=str(exc))
+            # What it carried is not known here (a step's end, or the "running" mark
+            # the run began with): treat it as a checkpoint.
             self._commit_failed(exc, carried_artifacts=True)
         elif not commit.result():
             self._stopped = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ BODY = {
     ),
     "language": "en",
 }
+Opener = Callable[[SqliteStore], Awaitable[SqliteStore]]
 FAST = PipelineConfig(cancel_poll_s=0.02, llm_backoff_base_s=0.01, llm_backoff_max_s=0.05)
 
 
@@ -346,6 +348,21 @@ async def test_learned_step_durations_steer_the_critical_path(store: SqliteStore
     assert estimate is not None and estimate < 0.1, "the run did not feed what it saw back"
 
 
+@pytest.fixture
+async def opened() -> AsyncIterator[Opener]:
+    """Opens the stores a test builds, and closes them when it ends."""
+    stores: list[SqliteStore] = []
+
+    async def open_store(store: SqliteStore) -> SqliteStore:
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_store
+    for store in stores:
+        await store.close()
+
+
 class _SlowCommits(SqliteStore):
     """A store whose commits take ``delay_s`` and which logs what they carried."""
 
@@ -381,20 +398,16 @@ def _inputs_committed_first(log: list[tuple[str, str]]) -> None:
                 assert committed.index(dep_artifact) <= committed.index(step.artifact)
 
 
-async def test_dependent_steps_do_not_wait_for_the_store() -> None:
+async def test_dependent_steps_do_not_wait_for_the_store(opened: Opener) -> None:
     """Dependents call the LLM before a step's checkpoint is written; checkpoints land in graph order."""
     log: list[tuple[str, str]] = []
-    store = _SlowCommits(log, delay_s=0.05)
-    await store.open()
-    try:
-        job_id = await new_job(store, parallel_limit=1)
-        job = await run_job(job_id, Deps(store, _LoggedProvider(log), FAST))
-        assert job is not None and job.status == COMPLETED
-        assert log.index(("called", "brief")) < log.index(("committed", "pitch"))
-        _inputs_committed_first(log)
-        assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
-    finally:
-        await store.close()
+    store = await opened(_SlowCommits(log, delay_s=0.05))
+    job_id = await new_job(store, parallel_limit=1)
+    job = await run_job(job_id, Deps(store, _LoggedProvider(log), FAST))
+    assert job is not None and job.status == COMPLETED
+    assert log.index(("called", "brief")) < log.index(("committed", "pitch"))
+    _inputs_committed_first(log)
+    assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
 
 
 class _LosesACommit(_SlowCommits):
@@ -414,27 +427,25 @@ class _LosesACommit(_SlowCommits):
         return await super().commit(job_id, **parts)
 
 
-async def test_a_lost_checkpoint_stops_later_ones_and_the_next_delivery_completes() -> None:
+async def test_a_lost_checkpoint_stops_later_ones_and_the_next_delivery_completes(
+    opened: Opener,
+) -> None:
     """After a lost checkpoint no later one lands; the next delivery redoes what was lost and completes."""
     log: list[tuple[str, str]] = []
-    store = _LosesACommit(log, lose=2)
-    await store.open()
-    try:
-        job_id = await new_job(store, parallel_limit=2)
-        # Calls faster than a commit: later steps end while the lost commit is out.
-        llm = _LoggedProvider(log, latency_ms=5)
-        with pytest.raises(StoreUnavailable):
-            await run_job(job_id, Deps(store, llm, FAST))
-        landed = {a.name for a in await store.list_artifacts(job_id)}
-        assert landed and len(landed) < len(STEPS)
-        _inputs_committed_first(log)
-        after_loss = len(log)
+    store = await opened(_LosesACommit(log, lose=2))
+    job_id = await new_job(store, parallel_limit=2)
+    # Calls faster than a commit: later steps end while the lost commit is out.
+    llm = _LoggedProvider(log, latency_ms=5)
+    with pytest.raises(StoreUnavailable):
+        await run_job(job_id, Deps(store, llm, FAST))
+    landed = {a.name for a in await store.list_artifacts(job_id)}
+    assert landed and len(landed) < len(STEPS)
+    _inputs_committed_first(log)
+    after_loss = len(log)
 
-        job = await run_job(job_id, Deps(store, llm, FAST))
-        assert job is not None and job.status == COMPLETED and job.attempts == 2
-        redone = {name for kind, name in log[after_loss:] if kind == "called"}
-        assert not redone & {s.name for s in STEPS if s.artifact in landed}
-        _inputs_committed_first(log)
-        assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
-    finally:
-        await store.close()
+    job = await run_job(job_id, Deps(store, llm, FAST))
+    assert job is not None and job.status == COMPLETED and job.attempts == 2
+    redone = {name for kind, name in log[after_loss:] if kind == "called"}
+    assert not redone & {s.name for s in STEPS if s.artifact in landed}
+    _inputs_committed_first(log)
+    assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
