@@ -43,6 +43,7 @@ import structlog
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -247,6 +248,9 @@ async def ping_within_budget(client: aioredis.Redis, what: str) -> None:
         raise StoreUnavailable(f"{what} did not answer: {exc or 'timeout'}") from exc
 
 
+_DRIVER_INFO = DriverInfo()
+
+
 def redis_client(
     url: str,
     *,
@@ -267,9 +271,13 @@ def redis_client(
       with parallel steps reaches).
     - Retries cover refused connections only (a Redis restart), not timeouts.
     - Commands are packed by hiredis (``adapters.redis_packing``), not in Python.
+    - Every connection shares one ``DriverInfo``: without it, each new connection reads
+      redis-py's version from its package metadata (an e-mail header parse, a few
+      milliseconds), and a worker opens dozens at once when a burst of jobs starts.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        driver_info=_DRIVER_INFO,
         max_connections=max_connections,
         timeout=pool_timeout_s,
         socket_timeout=None,

@@ -98,6 +98,8 @@ CHILDREN: dict[str, tuple[str, ...]] = {
     step.name: tuple(s.name for s in STEPS if step.name in s.depends_on) for step in STEPS
 }
 """Steps that depend directly on each step."""
+DEPENDS_ON: dict[str, frozenset[str]] = {step.name: frozenset(step.depends_on) for step in STEPS}
+"""Each step's inputs as a set (the scheduler compares it with the finished steps)."""
 
 
 def input_artifacts(step: Step) -> tuple[str, ...]:

@@ -81,7 +81,29 @@ def _ranked_words(text: str, limit: int) -> tuple[str, ...]:
 
 
 def _sentences(text: str, limit: int) -> list[str]:
-    return [s.strip() for s in _SENTENCE.split(text.strip()) if s.strip()][:limit]
+    return list(_split_sentences(text)[:limit])
+
+
+@lru_cache(maxsize=256)
+def _split_sentences(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in _SENTENCE.split(text.strip()) if s.strip())
+
+
+@lru_cache(maxsize=256)
+def _pitch_topics(title: str, text: str) -> tuple[str, ...]:
+    """Up to five topics of the pitch, none a word of the title."""
+    title_words = {w.lower() for w in _WORD.findall(title)}
+    return tuple([t for t in _topics(text, 8) if t not in title_words][:5] or ["market"])
+
+
+@lru_cache(maxsize=1024)
+def _each(
+    language: str, key: str, title: str, region: str, topics: tuple[str, ...], count: int
+) -> tuple[str, ...]:
+    """The same phrases recur in most steps of a job: each is formatted once."""
+    text = _T[language][key]
+    picked = (topics * count)[:count]
+    return tuple(text.format(title=title, region=region, topic=topic) for topic in picked)
 
 
 class OfflineProvider:
@@ -142,8 +164,7 @@ class _Facts:
         self.title = str(pitch.get("title") or brief.get("project_title") or "Startup")
         self.text = str(pitch.get("pitch") or brief.get("brief") or self.title)
         self.region = str(pitch.get("geo") or evidence.get("region") or "EU/DACH")
-        title_words = {w.lower() for w in _WORD.findall(self.title)}
-        self.topics = [t for t in _topics(self.text, 8) if t not in title_words][:5] or ["market"]
+        self.topics = list(_pitch_topics(self.title, self.text))
         self.sources = [s["title"] for s in evidence.get("sources", []) if "title" in s]
 
     @cached_property
@@ -163,8 +184,8 @@ class _Facts:
         )
 
     def each(self, key: str, count: int) -> list[str]:
-        picked = (self.topics * count)[:count]
-        return [self.t(key, topic=topic) for topic in picked]
+        """``key``'s text for each of the first ``count`` topics (repeated if fewer)."""
+        return list(_each(self.language, key, self.title, self.region, tuple(self.topics), count))
 
     def section_data(self, name: str) -> JSONDict:
         return dict((self.context.get(f"section_{name}") or {}).get("data") or {})

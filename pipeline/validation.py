@@ -8,6 +8,7 @@ carry figures but carry none, and percentages above 100 written into the text.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from collections.abc import Mapping
@@ -27,6 +28,13 @@ FUNNEL = ("tam_eur", "sam_eur", "som_eur")
 
 def _issue(section: str, key: str, kind: str, severity: str, message: str) -> dict[str, str]:
     return {"section": section, "key": key, "kind": kind, "severity": severity, "message": message}
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_rules(key: str) -> tuple[bool, bool]:
+    """(is a percentage, must not be negative) for a figure's key: the same few keys
+    come back in every job."""
+    return bool(PERCENT_KEY.search(key)), bool(NON_NEGATIVE_KEY.search(key))
 
 
 def _number(value: Any) -> float | None:
@@ -60,12 +68,13 @@ def validate_sections(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, An
                 _issue(name, "data", "missing_numbers", "error", "section states no figures")
             )
         for key, value in numbers.items():
-            if PERCENT_KEY.search(key) and not 0 <= value <= 100:
+            percent, non_negative = _key_rules(key)
+            if percent and not 0 <= value <= 100:
                 issues.append(
                     _issue(name, key, "percentage_out_of_range", "error",
                            f"{key} = {value:g} is not a percentage between 0 and 100")
                 )
-            elif NON_NEGATIVE_KEY.search(key) and value < 0:
+            elif non_negative and value < 0:
                 issues.append(
                     _issue(name, key, "negative_value", "error", f"{key} = {value:g} is negative")
                 )
@@ -100,6 +109,11 @@ def _text_percentages(name: str, section: Mapping[str, Any]) -> list[dict[str, s
     texts += [str(b) for b in section.get("bullets") or []]
     issues = []
     for text in texts:
+        # Most texts state no percentage at all; the case-insensitive scan is the
+        # dearest part of this step, so it runs only where one could match.
+        folded = text.lower()
+        if "%" not in text and "percent" not in folded and "prozent" not in folded:
+            continue
         for match in TEXT_PERCENT.finditer(text):
             value = float(match.group(1).replace(",", "."))
             if value > 100:

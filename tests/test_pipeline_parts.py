@@ -291,6 +291,14 @@ def test_percentages_above_100_in_text_are_flagged() -> None:
     assert result["passed"]
 
 
+@pytest.mark.parametrize("claim", ["grows 180 PERCENT", "wächst um 180 Prozent", "180% more"])
+def test_percentages_above_100_are_found_in_every_spelling(claim: str) -> None:
+    """A percentage above 100 is flagged whether written as %, percent or Prozent, in any case."""
+    data = sections()
+    data["team"]["bullets"] = ["Fine.", f"Revenue {claim} a year."]
+    assert kinds(validate_sections(data)) == [("team", "text", "percentage_out_of_range")]
+
+
 # -- views -----------------------------------------------------------------
 
 
