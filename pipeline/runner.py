@@ -553,12 +553,17 @@ class JobRun:
         *,
         changes: JSON | None = None,
         events: list[tuple[str, JSON]] | None = None,
+        behind: bool = False,
     ) -> None:
         """Commit everything buffered, unless a commit since generation ``upto`` was
         buffered already carried it. ``changes`` and ``events`` (the job's last
         write) go with it, after what was buffered. Raises :class:`_Stopped` when
         the job is no longer ``running`` (cancelled, failed or finished by someone
-        else)."""
+        else).
+
+        ``behind``: the caller is a write-behind task, which is cancelled only once
+        the delivery has nothing more to write, so its commit needs no task of its
+        own to outlive it (one task less per step)."""
         target = self._buffered if upto is None else upto
         async with self._write_lock:
             await self._settle_cut_off_commit()
@@ -575,22 +580,23 @@ class JobRun:
             traces, self._traces = self._traces, []
             self._unwritten_since = None
             fields = {"steps": dict(self.steps), "progress": dict(self.progress), **(changes or {})}
-            commit = asyncio.ensure_future(
-                self.store.commit(
-                    self.job.id,
-                    expect={RUNNING},
-                    changes=fields,
-                    events=self._materialized(_last_status_only([*buffered, *(events or ())])),
-                    artifacts=artifacts,
-                    cache=cache,
-                    traces=traces,
-                )
+            writing = self.store.commit(
+                self.job.id,
+                expect={RUNNING},
+                changes=fields,
+                events=self._materialized(_last_status_only([*buffered, *(events or ())])),
+                artifacts=artifacts,
+                cache=cache,
+                traces=traces,
             )
-            self._inflight = commit
-            # A flush cancelled mid-write (deadline, cancel, shutdown) leaves its commit
-            # to finish whole; the next flush waits for it (event order).
             try:
-                held: object = await _outcome(commit)
+                if behind:
+                    held: object = await writing
+                else:
+                    # A flush cancelled mid-write (deadline, cancel, shutdown) leaves its
+                    # commit to finish whole; the next flush waits for it (event order).
+                    commit = self._inflight = asyncio.ensure_future(writing)
+                    held = await _outcome(commit)
             except Exception as exc:  # not CancelledError: a cut-off commit is settled later
                 self._inflight = None
                 self._commit_failed(exc, bool(artifacts))
@@ -695,7 +701,7 @@ class JobRun:
 
     async def _write_behind(self, generation: int) -> None:
         try:
-            await self._flush(generation)
+            await self._flush(generation, behind=True)
         except Exception as exc:  # handed to the schedule, which ends with it
             failed = self._write_failed
             if failed is not None and not failed.done():
