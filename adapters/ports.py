@@ -182,11 +182,37 @@ def _check_changes(changes: JSON) -> None:
     changes.setdefault("updated_at", time.time())
 
 
+def _expect(statuses: Iterable[str] | None, attempts: int | None) -> Expect:
+    if statuses is None and attempts is None:
+        return ANY
+    return Expect(frozenset(statuses) if statuses is not None else None, attempts)
+
+
+@dataclass(frozen=True)
+class Expect:
+    """The condition of a job write (a compare-and-set): the job's status is one of
+    ``statuses`` (any when ``None``) and, when ``attempts`` is set, the job's
+    ``attempts`` still equals it. A delivery writes with the attempt it counted, so
+    once a later delivery of the same job has counted its own (the first worker was
+    presumed lost, but only stalled), nothing the earlier one writes lands."""
+
+    statuses: frozenset[str] | None = None
+    attempts: int | None = None
+
+    def holds(self, job: Job) -> bool:
+        return (self.statuses is None or job.status in self.statuses) and (
+            self.attempts is None or job.attempts == self.attempts
+        )
+
+
+ANY = Expect()
+
+
 @dataclass(frozen=True)
 class Commit:
     """The writes of :meth:`JobStore.commit`, validated, for a backend's ``_commit``."""
 
-    expect: frozenset[str] | None
+    expect: Expect
     changes: JSON
     events: tuple[tuple[str, JSON], ...] = ()
     artifacts: tuple[Artifact, ...] = ()
@@ -224,16 +250,18 @@ class JobStore(ABC):
         job_id: str,
         expect: Iterable[str] | None = None,
         *,
+        expect_attempts: int | None = None,
         events: Sequence[tuple[str, JSON]] = (),
         **changes: Any,
     ) -> Job | None:
-        """Apply ``changes`` if the job exists and its status is in ``expect``
-        (any status when ``None``), then append ``events`` (``(type, data)`` pairs)
-        if and only if the change held: in one atomic step where the backend can.
-        Returns the new job, or ``None`` when the condition failed or the job is
-        unknown."""
+        """Apply ``changes`` if the job exists, its status is in ``expect`` (any
+        status when ``None``) and, when ``expect_attempts`` is given, its
+        ``attempts`` equals it (see :class:`Expect`); then append ``events``
+        (``(type, data)`` pairs) if and only if the change held: in one atomic step
+        where the backend can. Returns the new job, or ``None`` when the condition
+        failed or the job is unknown."""
         _check_changes(changes)
-        expected = frozenset(expect) if expect is not None else None
+        expected = _expect(expect, expect_attempts)
         if not events:
             return await self._update(job_id, expected, changes)
         return await self._update_with_events(job_id, expected, changes, tuple(events))
@@ -326,6 +354,7 @@ class JobStore(ABC):
         job_id: str,
         *,
         expect: Iterable[str] | None = None,
+        expect_attempts: int | None = None,
         changes: Mapping[str, Any] | None = None,
         events: Sequence[tuple[str, JSON]] = (),
         artifacts: Sequence[Artifact] = (),
@@ -334,9 +363,12 @@ class JobStore(ABC):
     ) -> bool:
         """Write what a step produced together, in one round trip where the backend
         can, in this order: ``artifacts`` of the job, step ``cache`` entries
-        (key, artifact) and ``traces`` records unconditionally; then the job
-        ``changes`` as :meth:`update` does (compare-and-set on ``expect``) and,
+        (key, artifact) and ``traces`` records whatever the job's status; then the
+        job ``changes`` as :meth:`update` does (compare-and-set on ``expect``) and,
         only if that held, ``events``. Returns whether the update held.
+
+        With ``expect_attempts`` given and no longer the job's ``attempts``, nothing
+        at all is written: the job belongs to a later delivery (see :class:`Expect`).
 
         The order makes artifacts checkpoints: a job never counts a step done whose
         artifact is not stored yet."""
@@ -347,7 +379,7 @@ class JobStore(ABC):
         fields = dict(changes or {})
         _check_changes(fields)
         batch = Commit(
-            expect=frozenset(expect) if expect is not None else None,
+            expect=_expect(expect, expect_attempts),
             changes=fields,
             events=tuple(events),
             artifacts=tuple(artifacts),
@@ -375,9 +407,7 @@ class JobStore(ABC):
     @abstractmethod
     async def _get(self, job_id: str) -> Job | None: ...
     @abstractmethod
-    async def _update(
-        self, job_id: str, expect: frozenset[str] | None, changes: JSON
-    ) -> Job | None: ...
+    async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None: ...
     @abstractmethod
     async def _delete(self, job_id: str) -> None: ...
     @abstractmethod
@@ -426,7 +456,7 @@ class JobStore(ABC):
     async def _update_with_events(
         self,
         job_id: str,
-        expect: frozenset[str] | None,
+        expect: Expect,
         changes: JSON,
         events: tuple[tuple[str, JSON], ...],
     ) -> Job | None:
@@ -437,6 +467,12 @@ class JobStore(ABC):
         return job
 
     async def _commit(self, job_id: str, batch: Commit) -> bool:
+        # Not atomic here: a delivery taken over meanwhile may still store these
+        # artifacts, but its job update below fails (the update is a CAS).
+        if batch.expect.attempts is not None:
+            job = await self._get(job_id)
+            if job is None or job.attempts != batch.expect.attempts:
+                return False
         for artifact in batch.artifacts:
             await self._put_artifact(job_id, artifact)
         for key, artifact in batch.cache:

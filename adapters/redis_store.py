@@ -62,7 +62,7 @@ from adapters.constants import (
     STATUSES,
     TRACE_KEY,
 )
-from adapters.ports import JSON, Artifact, Commit, Event, Job, JobStore, StoreUnavailable
+from adapters.ports import JSON, Artifact, Commit, Event, Expect, Job, JobStore, StoreUnavailable
 from adapters.redis_packing import with_hiredis_packing
 
 log = structlog.get_logger("jobq.store")
@@ -121,12 +121,18 @@ return false
 
 _COMMIT = """
 -- KEYS: the job's keys (see _job_keys), then one key per step cache entry.
--- ARGV: prefix, id, ttl, want_job, n_expect (-1: any), expected..., n_changes,
---       (field, value)..., n_events, (type, data)..., n_artifacts, (name, doc)...,
---       n_cache, doc..., n_traces, record...
+-- ARGV: prefix, id, ttl, want_job, attempts (-1: any), n_expect (-1: any), expected...,
+--       n_changes, (field, value)..., n_events, (type, data)..., n_artifacts,
+--       (name, doc)..., n_cache, doc..., n_traces, record...
 local job_key, art_key, ev_key, seq_key, trace_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix, id, ttl, want_job = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local i = 5
+local want_attempts = tonumber(ARGV[5])
+if want_attempts >= 0 then
+  -- a later delivery counted its attempt: this one writes nothing more
+  local held = redis.call('HGET', job_key, 'attempts')
+  if not held or tonumber(held) ~= want_attempts then return false end
+end
+local i = 6
 local n_expect = tonumber(ARGV[i]); i = i + 1
 local expected = {}
 if n_expect > 0 then
@@ -552,13 +558,13 @@ class RedisStore(JobStore):
         raw = await self._call("HGETALL", self._key(JOB_KEY, job_id))
         return _decode_job(cast(dict[bytes, bytes], raw))
 
-    async def _update(self, job_id: str, expect: frozenset[str] | None, changes: JSON) -> Job | None:
+    async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         return await self._update_with_events(job_id, expect, changes, ())
 
     async def _update_with_events(
         self,
         job_id: str,
-        expect: frozenset[str] | None,
+        expect: Expect,
         changes: JSON,
         events: tuple[tuple[str, JSON], ...],
     ) -> Job | None:
@@ -571,11 +577,18 @@ class RedisStore(JobStore):
     async def _run_commit(self, job_id: str, batch: Commit, *, want_job: bool) -> Any:
         """One EVALSHA: artifacts, cache entries and trace records, then the
         compare-and-set update with its events (see ``_COMMIT``)."""
-        args: list[str | int | bytes] = [self.prefix, job_id, self.ttl_s, "1" if want_job else "0"]
-        if batch.expect is None:
+        expect = batch.expect
+        args: list[str | int | bytes] = [
+            self.prefix,
+            job_id,
+            self.ttl_s,
+            "1" if want_job else "0",
+            -1 if expect.attempts is None else expect.attempts,
+        ]
+        if expect.statuses is None:
             args.append(-1)
         else:
-            args += [len(batch.expect), *sorted(batch.expect)]
+            args += [len(expect.statuses), *sorted(expect.statuses)]
         args.append(len(batch.changes))
         for name, value in batch.changes.items():
             args += [name, value if name in _RAW_FIELDS else _dumps(value)]

@@ -60,6 +60,7 @@ from adapters.ports import (
     Artifact,
     Conflict,
     Event,
+    Expect,
     Job,
     JobStore,
     StoreUnavailable,
@@ -320,16 +321,14 @@ class S3Store(JobStore):
             return None  # expired; the bucket's lifecycle rule removes it within a day
         return job
 
-    async def _update(
-        self, job_id: str, expect: frozenset[str] | None, changes: JSON
-    ) -> Job | None:
+    async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         key = self._job_key(job_id)
         for attempt in range(CAS_ATTEMPTS):
             found = await self._get_json(key)
             if found is None:
                 return None
             current = Job.from_dict(found[0])
-            if expect is not None and current.status not in expect:
+            if not expect.holds(current):
                 return None
             updated = Job.from_dict({**current.to_dict(), **changes})
             try:

@@ -20,6 +20,7 @@ from adapters.ports import (
     Artifact,
     Commit,
     Event,
+    Expect,
     Job,
     JobStore,
     StoreUnavailable,
@@ -154,15 +155,13 @@ class SqliteStore(JobStore):
             row = await cur.fetchone()
         return Job.from_dict(json.loads(row[0])) if row else None
 
-    async def _update(
-        self, job_id: str, expect: frozenset[str] | None, changes: JSON
-    ) -> Job | None:
+    async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         return await self._update_with_events(job_id, expect, changes, ())
 
     async def _update_with_events(
         self,
         job_id: str,
-        expect: frozenset[str] | None,
+        expect: Expect,
         changes: JSON,
         events: tuple[tuple[str, JSON], ...],
     ) -> Job | None:
@@ -178,6 +177,10 @@ class SqliteStore(JobStore):
     async def _commit(self, job_id: str, batch: Commit) -> bool:
         """One transaction for the whole batch."""
         async with self._lock:
+            if batch.expect.attempts is not None:
+                job = await self._get(job_id)
+                if job is None or job.attempts != batch.expect.attempts:
+                    return False
             for artifact in batch.artifacts:
                 await self._insert_artifact(job_id, artifact)
             for key, artifact in batch.cache:
@@ -197,12 +200,10 @@ class SqliteStore(JobStore):
             await self._notify(job_id)
         return updated is not None
 
-    async def _apply_update(
-        self, job_id: str, expect: frozenset[str] | None, changes: JSON
-    ) -> Job | None:
+    async def _apply_update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         """The compare-and-set, inside the caller's lock and transaction."""
         job = await self._get(job_id)
-        if job is None or (expect is not None and job.status not in expect):
+        if job is None or not expect.holds(job):
             return None
         updated = Job.from_dict({**job.to_dict(), **changes})
         await self.db.execute(

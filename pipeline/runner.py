@@ -225,7 +225,12 @@ class JobRun:
         The write that marks the job running goes out without being waited for:
         every later commit of the run waits for it first and takes in its outcome
         (:meth:`_settle_cut_off_commit`), so the first steps start at once, and a
-        job that is no longer active stops the run at its first commit."""
+        job that is no longer active stops the run at its first commit.
+
+        That write counts this delivery's attempt on condition that no other
+        delivery counted one since the job was read, and every later write is on
+        condition that the count is still this delivery's: a delivery taken over
+        by another (its worker stalled past the heartbeat) writes nothing more."""
         self._load_checkpoints(checkpoints)
         log.info(
             "job_started",
@@ -239,6 +244,7 @@ class JobRun:
             self.store.update(
                 self.job.id,
                 expect=ACTIVE_STATUSES,
+                expect_attempts=self.job.attempts - 1,
                 events=[self._status()],
                 status=RUNNING,
                 attempts=self.job.attempts,
@@ -583,6 +589,7 @@ class JobRun:
             writing = self.store.commit(
                 self.job.id,
                 expect={RUNNING},
+                expect_attempts=self.job.attempts,
                 changes=fields,
                 events=self._materialized(_last_status_only([*buffered, *(events or ())])),
                 artifacts=artifacts,

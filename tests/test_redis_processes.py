@@ -177,6 +177,35 @@ def test_sigkilled_worker_job_resumes_on_another_without_repeating_steps(
     assert set(calls) == set(LLM_STEPS)
 
 
+def test_a_stalled_worker_thawed_after_a_takeover_writes_nothing(deploy: Deployment) -> None:
+    """A worker frozen past its heartbeat loses its job to another; thawed, it writes nothing
+    more: every artifact is announced once, progress never goes down, the job completes once."""
+    service = deploy.start(workers=2, LLM_OFFLINE_LATENCY_MS="300")
+    with service.client() as client:
+        job_id = submit(client, parallel_limit=1)
+        holder = worker_holding(service, job_id)
+        survivor = next(n for n in service.worker_names() if n != holder)
+        wait_steps(client, job_id, 3)
+        service.kill_worker(holder, signal.SIGSTOP)
+        try:
+            wait_until(
+                lambda: events_of(service, survivor, "job_picked_up", job_id),
+                "the other worker taking the job over",
+                TAKE_UP_S,
+            )
+            wait_steps(client, job_id, 6)
+        finally:
+            service.kill_worker(holder, signal.SIGCONT)
+        final = wait_for(client, job_id, timeout_s=TAKE_UP_S)
+        stream = read_stream(client, job_id)
+    assert final["status"] == "completed" and final["attempts"] == 2, final
+    announced = [event["name"] for event in stream.of("artifact_written")]
+    assert sorted(announced) == sorted(set(announced)) and len(announced) == 15, announced
+    percentages = [event["progress"]["percentage"] for event in stream.of("status")]
+    assert percentages == sorted(percentages), percentages
+    assert len(stream.of("result")) == 1
+
+
 def test_worker_lost_after_max_attempts(deploy: Deployment) -> None:
     """With JOB_MAX_ATTEMPTS=1, a job whose worker dies is failed with worker_lost, not rerun."""
     service = deploy.start(workers=2, LLM_OFFLINE_LATENCY_MS="300", JOB_MAX_ATTEMPTS="1")

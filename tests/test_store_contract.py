@@ -232,6 +232,39 @@ async def test_commit_stores_everything_and_gates_job_and_events_on_the_status(
         await store.commit(job.id, artifacts=[_artifact("../x")])
 
 
+async def test_writes_of_an_earlier_delivery_change_nothing(store: JobStore) -> None:
+    """Once a later delivery has counted its attempt, a commit or update made for the
+    earlier attempt writes nothing at all: no artifact, cache entry, trace, event or change."""
+    job, _ = await store.create(_job())
+    taken = await store.update(job.id, expect={QUEUED}, expect_attempts=0, status=RUNNING, attempts=1)
+    assert taken is not None and taken.attempts == 1
+    assert await store.update(job.id, expect={RUNNING}, expect_attempts=0, attempts=1) is None
+    again = await store.update(job.id, expect={RUNNING}, expect_attempts=1, attempts=2)
+    assert again is not None and again.attempts == 2
+    key = uuid.uuid4().hex
+    stale = await store.commit(
+        job.id,
+        expect={RUNNING},
+        expect_attempts=1,
+        changes={"progress": {"percentage": 60}},
+        events=[("status", {"n": 1})],
+        artifacts=[_artifact("brief")],
+        cache=[(key, _artifact("brief"))],
+        traces=[{"attempt": 1}],
+    )
+    assert not stale
+    stored = await store.get(job.id)
+    assert stored is not None and stored.progress == {} and stored.attempts == 2
+    assert await store.list_artifacts(job.id) == []
+    assert await store.cache_get(key) is None
+    assert await store.get_trace(job.id) == []
+    assert await store.read_events(job.id) == []
+    assert await store.commit(
+        job.id, expect={RUNNING}, expect_attempts=2, artifacts=[_artifact("brief")]
+    )
+    assert [a.name for a in await store.list_artifacts(job.id)] == ["brief"]
+
+
 async def test_many_reads_of_cache_and_cancel_flags_match_single_reads(store: JobStore) -> None:
     """cache_get_many answers in key order with None for misses; cancel_requested_many
     names exactly the flagged jobs."""
