@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,38 @@ return id_jobs
 """SAQ's own sweep listing: every job in the active list, once per lock period."""
 
 
-_FINISH = """
+_OWNED = """
+local function owned(key, attempts)
+  -- false once a later delivery (a higher attempt count) wrote the SAQ job
+  local stored = redis.call('GET', key)
+  if not stored then return true end
+  local ok, job = pcall(cjson.decode, stored)
+  return not ok or (tonumber(job['attempts']) or 0) <= attempts
+end
+"""
+"""A delivery's writes to its SAQ job are refused once a later delivery took the job
+(see ``JobqRedisQueue``): attempts only grow, one per dequeue."""
+
+_UPDATE = _OWNED + """
+if not owned(KEYS[1], tonumber(ARGV[2])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+_RETRY = _OWNED + """
+-- KEYS: active, queued, incomplete, job; ARGV: job, attempts, score, push now (1/0)
+if not owned(KEYS[4], tonumber(ARGV[2])) then return 0 end
+redis.call('LREM', KEYS[1], 1, KEYS[4])
+redis.call('LREM', KEYS[2], 1, KEYS[4])
+redis.call('ZADD', KEYS[3], ARGV[3], KEYS[4])
+if ARGV[4] == '1' then redis.call('RPUSH', KEYS[2], KEYS[4]) end
+redis.call('SET', KEYS[4], ARGV[1])
+return 1
+"""
+"""SAQ's ``_retry`` transaction as one script, refused for a superseded delivery."""
+
+_FINISH = _OWNED + """
+if not owned(KEYS[3], tonumber(ARGV[3])) then return 0 end
 redis.call('LREM', KEYS[1], 1, KEYS[3])
 redis.call('ZREM', KEYS[2], KEYS[3])
 local ttl = tonumber(ARGV[1])
@@ -80,14 +112,15 @@ else
     redis.call('DEL', KEYS[3])
 end
 """
-"""SAQ's ``_finish`` transaction (MULTI/EXEC) as one script, so it can share a batch."""
+"""SAQ's ``_finish`` transaction (MULTI/EXEC) as one script, so it can share a batch,
+refused for a superseded delivery."""
 
 _UNHEARD = frozenset({Status.ACTIVE, Status.COMPLETE})
 """SAQ statuses whose pub/sub notification nobody here listens for."""
 
 
 class JobqRedisQueue(RedisQueue):
-    """SAQ's Redis queue with five changes: a clean shutdown, no double runs, and
+    """SAQ's Redis queue with these changes: a clean shutdown, no double runs, and
     fewer round trips.
 
     - ``should_stop``: once it returns true (the worker got SIGTERM), a job that a
@@ -102,6 +135,10 @@ class JobqRedisQueue(RedisQueue):
       acknowledge the abort before re-queueing it (SAQ's fixed 5 s otherwise).
     - ``notify``: no pub/sub message when a job starts or completes (nobody listens).
     - ``version``: one ``INFO`` per worker, not one per idle slot at start.
+    - A delivery's beats, finish and retry are refused once a later delivery of
+      the job counted more attempts: a worker that stalled past its heartbeat and
+      comes back cannot mark the new delivery's SAQ job done or drop it from the
+      active list (the sweep would then no longer recover it if the new worker died).
     - A job's reads and writes as it starts, beats and finishes go through an
       :class:`AutoPipeline`: the jobs of a busy worker share round trips and
       connection checkouts (checkouts from redis-py's blocking pool took ~6 % of a
@@ -121,6 +158,8 @@ class JobqRedisQueue(RedisQueue):
         self.should_stop: Callable[[], bool] = lambda: False
         self._sweep_list = redis.register_script(_SWEEP_LIST)
         self._finish_script = redis.register_script(_FINISH)
+        self._retry_script = redis.register_script(_RETRY)
+        self._update_script = redis.register_script(_UPDATE)
         self._version_lock = asyncio.Lock()
         self._auto = AutoPipeline(redis)
 
@@ -132,8 +171,8 @@ class JobqRedisQueue(RedisQueue):
             stored = await self.job(job.key)
             status = stored.status if stored else None
         job.status = status or job.status
-        await self._auto.submit("SET", job.id, self.serialize(job))
-        await self.notify(job)
+        if await self._auto.eval(self._update_script, [job.id], [self.serialize(job), job.attempts]):
+            await self.notify(job)
 
     async def _finish(
         self,
@@ -144,8 +183,21 @@ class JobqRedisQueue(RedisQueue):
         error: str | None = None,
     ) -> None:
         keys = [self._active, self._incomplete, job.id]
-        await self._auto.eval(self._finish_script, keys, [job.ttl, self.serialize(job)])
-        await self.notify(job)
+        args = [job.ttl, self.serialize(job), job.attempts]
+        if await self._auto.eval(self._finish_script, keys, args):
+            await self.notify(job)
+        else:
+            log.warning("saq_finish_superseded", job_id=job.key, attempts=job.attempts)
+
+    async def _retry(self, job: SaqJob, error: str | None) -> None:
+        delay = job.next_retry_delay()
+        score = time.time() + delay if delay else job.scheduled
+        keys = [self._active, self._queued, self._incomplete, job.id]
+        args = [self.serialize(job), job.attempts, score, "0" if delay else "1"]
+        if await self._auto.eval(self._retry_script, keys, args):
+            await self.notify(job)
+        else:
+            log.warning("saq_retry_superseded", job_id=job.key, attempts=job.attempts)
 
     async def version(self) -> tuple[int, ...]:
         """SAQ asks for the server version before every dequeue and caches it; with no

@@ -121,6 +121,36 @@ async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> 
     assert await queue.saq.count("queued") == 1
 
 
+async def test_a_superseded_delivery_leaves_the_new_one_alone(queue: SaqQueue) -> None:
+    """After a sweep handed the job to a new delivery, the old one's beat, finish and retry
+    change neither the new delivery's record nor its place in the active list."""
+    queue.saq.sweep_abort_wait_s = 0.2
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+    old = await queue.saq.dequeue(timeout=1)
+    assert old is not None
+    old.started, old.attempts = now(), 1
+    await old.update(status=Status.ACTIVE, heartbeat=1)
+    await asyncio.sleep(1.2)
+    assert await queue.saq.sweep(lock=1) == [queue.saq.job_id(job_id)]
+    new = await queue.saq.dequeue(timeout=1)
+    assert new is not None
+    new.started, new.attempts = now(), new.attempts + 1
+    await new.update(status=Status.ACTIVE)
+
+    await old.update()
+    await old.finish(Status.COMPLETE)
+    await old.retry("cancelled")
+
+    stored = await queue.saq.job(job_id)
+    assert stored is not None and stored.status == Status.ACTIVE and stored.attempts == 2
+    assert await queue.saq.count("active") == 1 and await queue.saq.count("queued") == 0
+    await new.finish(Status.COMPLETE)
+    done = await queue.saq.job(job_id)
+    assert done is not None and done.status == Status.COMPLETE
+    assert await queue.saq.count("active") == 0
+
+
 async def test_unreachable_redis_is_store_unavailable() -> None:
     """With nothing on the port, ping, stats and enqueue raise StoreUnavailable (HTTP 503)."""
     queue = SaqQueue(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
