@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,17 @@ class SqliteStore(JobStore):
 
     # -- jobs -------------------------------------------------------------
 
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """All rows of a query, read in one call on aiosqlite's thread. A cursor read
+        in two steps (execute, then fetch) lets another task's write on the same
+        connection run in between, and SQLite leaves such a read undefined (a
+        ``GROUP BY status`` once counted a job under ``NULL``)."""
+        return list(await self.db.execute_fetchall(sql, params))
+
+    async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._rows(sql, params)
+        return rows[0] if rows else None
+
     async def _create(self, job: Job) -> tuple[Job, bool]:
         return await self._create_with_events(job, ())
 
@@ -126,11 +138,10 @@ class SqliteStore(JobStore):
     ) -> tuple[Job, bool]:
         async with self._lock:
             if job.idempotency_key:
-                async with self.db.execute(
+                row = await self._row(
                     "SELECT job_id, created_at FROM idempotency WHERE tenant=? AND key=?",
                     (job.tenant, job.idempotency_key),
-                ) as cur:
-                    row = await cur.fetchone()
+                )
                 if row and time.time() - row[1] < IDEMPOTENCY_TTL_S:
                     existing = await self._get(row[0])
                     if existing is not None:
@@ -151,8 +162,7 @@ class SqliteStore(JobStore):
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
-        async with self.db.execute("SELECT doc FROM jobs WHERE id=?", (job_id,)) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT doc FROM jobs WHERE id=?", (job_id,))
         return Job.from_dict(json.loads(row[0])) if row else None
 
     async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
@@ -244,8 +254,7 @@ class SqliteStore(JobStore):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        async with self.db.execute(sql, (*args, limit + 1)) as cur:
-            rows = list(await cur.fetchall())
+        rows = await self._rows(sql, (*args, limit + 1))
         jobs = [Job.from_dict(json.loads(r[0])) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -254,16 +263,16 @@ class SqliteStore(JobStore):
         return jobs, next_cursor
 
     async def _count_by_status(self) -> dict[str, int]:
-        async with self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status") as cur:
-            return {status: count for status, count in await cur.fetchall()}
+        rows = await self._rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {status: count for status, count in rows}
 
     async def _unfinished_job_ids(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATUSES))
-        async with self.db.execute(
+        rows = await self._rows(
             f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at",
             tuple(sorted(ACTIVE_STATUSES)),
-        ) as cur:
-            return [row[0] for row in await cur.fetchall()]
+        )
+        return [row[0] for row in rows]
 
     # -- artifacts and cache ---------------------------------------------
 
@@ -280,21 +289,15 @@ class SqliteStore(JobStore):
         )
 
     async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
-        async with self.db.execute(
-            "SELECT doc FROM artifacts WHERE job_id=? AND name=?", (job_id, name)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT doc FROM artifacts WHERE job_id=? AND name=?", (job_id, name))
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
-        async with self.db.execute(
-            "SELECT doc FROM artifacts WHERE job_id=? ORDER BY seq", (job_id,)
-        ) as cur:
-            return [Artifact.from_dict(json.loads(r[0])) for r in await cur.fetchall()]
+        rows = await self._rows("SELECT doc FROM artifacts WHERE job_id=? ORDER BY seq", (job_id,))
+        return [Artifact.from_dict(json.loads(r[0])) for r in rows]
 
     async def _cache_get(self, key: str) -> Artifact | None:
-        async with self.db.execute("SELECT doc FROM cache WHERE key=?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT doc FROM cache WHERE key=?", (key,))
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
     async def _rows_in(self, sql: str, values: list[str]) -> list[Any]:
@@ -303,8 +306,7 @@ class SqliteStore(JobStore):
         rows: list[Any] = []
         for start in range(0, len(values), 500):
             chunk = values[start : start + 500]
-            async with self.db.execute(sql.format(marks=",".join("?" * len(chunk))), chunk) as cur:
-                rows.extend(await cur.fetchall())
+            rows.extend(await self._rows(sql.format(marks=",".join("?" * len(chunk))), chunk))
         return rows
 
     async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
@@ -338,10 +340,7 @@ class SqliteStore(JobStore):
         self, job_id: str, events: tuple[tuple[str, JSON], ...]
     ) -> list[Event]:
         """Append with the next ids of this job, inside the caller's lock and transaction."""
-        async with self.db.execute(
-            "SELECT COALESCE(MAX(id), 0) FROM events WHERE job_id=?", (job_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._row("SELECT COALESCE(MAX(id), 0) FROM events WHERE job_id=?", (job_id,))
         last = int(row[0]) if row else 0
         appended = [Event(last + n, type, data) for n, (type, data) in enumerate(events, 1)]
         await self.db.executemany(
@@ -356,11 +355,10 @@ class SqliteStore(JobStore):
             cond.notify_all()
 
     async def _fetch_events(self, job_id: str, after: int) -> list[Event]:
-        async with self.db.execute(
-            "SELECT id, type, data FROM events WHERE job_id=? AND id>? ORDER BY id",
-            (job_id, after),
-        ) as cur:
-            return [Event(r[0], r[1], json.loads(r[2])) for r in await cur.fetchall()]
+        rows = await self._rows(
+            "SELECT id, type, data FROM events WHERE job_id=? AND id>? ORDER BY id", (job_id, after)
+        )
+        return [Event(r[0], r[1], json.loads(r[2])) for r in rows]
 
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
         events = await self._fetch_events(job_id, after)
@@ -386,10 +384,7 @@ class SqliteStore(JobStore):
             await self.db.commit()
 
     async def _get_trace(self, job_id: str) -> list[JSON]:
-        async with self.db.execute(
-            "SELECT doc FROM trace WHERE job_id=? ORDER BY seq", (job_id,)
-        ) as cur:
-            rows: list[Any] = list(await cur.fetchall())
+        rows = await self._rows("SELECT doc FROM trace WHERE job_id=? ORDER BY seq", (job_id,))
         return [json.loads(r[0]) for r in rows]
 
     # -- cancellation -----------------------------------------------------
@@ -400,8 +395,7 @@ class SqliteStore(JobStore):
             await self.db.commit()
 
     async def _cancel_requested(self, job_id: str) -> bool:
-        async with self.db.execute("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) as cur:
-            return await cur.fetchone() is not None
+        return await self._row("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) is not None
 
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
         rows = await self._rows_in("SELECT job_id FROM cancels WHERE job_id IN ({marks})", job_ids)
