@@ -312,7 +312,14 @@ async def job_window(
 
 
 def start_worker(url: str, prefix: str, logs: Path, name: str, **env: str) -> Child:
-    return Child(name, [sys.executable, "-m", "handlers.cli", "worker"], child_env(url, prefix, **env), logs)
+    """A ``jobq worker`` logging at its default level (info: two lines per step), as
+    operators run it; the servers of (a) log warnings only, as its floor does."""
+    return Child(
+        name,
+        [sys.executable, "-m", "handlers.cli", "worker"],
+        child_env(url, prefix, **{"LOG_LEVEL": "info", **env}),
+        logs,
+    )
 
 
 async def jobq_worker_rate(url: str, logs: Path, jobs: int, run: int) -> float:
