@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from saq import Worker
+from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.utils import now
 
@@ -104,8 +105,9 @@ async def test_sweep_leaves_a_job_that_is_just_being_started(queue: SaqQueue) ->
     assert await queue.saq.count("queued") == 0 and await queue.saq.count("active") == 1
 
 
-async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> None:
-    """An active job whose worker stopped beating is re-queued for another delivery."""
+async def delivered_then_swept(queue: SaqQueue) -> tuple[str, SaqJob, list[str]]:
+    """A job taken by a delivery that beats once and then falls silent for a heartbeat
+    period, and what the next sweep re-queued: (job id, that delivery, swept ids)."""
     queue.saq.sweep_abort_wait_s = 0.2
     job_id = uuid.uuid4().hex
     await queue.enqueue(job_id, timeout_s=30)
@@ -114,7 +116,12 @@ async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> 
     job.started, job.attempts = now(), 1
     await job.update(status=Status.ACTIVE, heartbeat=1)
     await asyncio.sleep(1.2)  # one heartbeat period without a beat
-    swept = await queue.saq.sweep(lock=1)
+    return job_id, job, await queue.saq.sweep(lock=1)
+
+
+async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> None:
+    """An active job whose worker stopped beating is re-queued for another delivery."""
+    job_id, _, swept = await delivered_then_swept(queue)
     assert swept == [queue.saq.job_id(job_id)]
     again = await queue.saq.job(job_id)
     assert again is not None and again.status == Status.QUEUED and again.attempts == 1
@@ -124,15 +131,8 @@ async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> 
 async def test_a_superseded_delivery_leaves_the_new_one_alone(queue: SaqQueue) -> None:
     """After a sweep handed the job to a new delivery, the old one's beat, finish and retry
     change neither the new delivery's record nor its place in the active list."""
-    queue.saq.sweep_abort_wait_s = 0.2
-    job_id = uuid.uuid4().hex
-    await queue.enqueue(job_id, timeout_s=30)
-    old = await queue.saq.dequeue(timeout=1)
-    assert old is not None
-    old.started, old.attempts = now(), 1
-    await old.update(status=Status.ACTIVE, heartbeat=1)
-    await asyncio.sleep(1.2)
-    assert await queue.saq.sweep(lock=1) == [queue.saq.job_id(job_id)]
+    job_id, old, swept = await delivered_then_swept(queue)
+    assert swept == [queue.saq.job_id(job_id)]
     new = await queue.saq.dequeue(timeout=1)
     assert new is not None
     new.started, new.attempts = now(), new.attempts + 1
