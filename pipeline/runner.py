@@ -86,7 +86,8 @@ class StepFailed(Exception):
 
 
 class _Stopped(Exception):
-    """A conditional job write found another status: someone else owns the job now."""
+    """A conditional job write found another status, or another delivery's attempt:
+    someone else owns the job now."""
 
 
 async def _outcome(task: asyncio.Future[Any]) -> Any:
