@@ -7,9 +7,10 @@ on the local backend the worker runs in the web process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,15 +121,45 @@ class SqliteStore(JobStore):
     # -- jobs -------------------------------------------------------------
 
     async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """All rows of a query, read in one call on aiosqlite's thread. A cursor read
-        in two steps (execute, then fetch) lets another task's write on the same
-        connection run in between, and SQLite leaves such a read undefined (a
-        ``GROUP BY status`` once counted a job under ``NULL``)."""
+        """All rows of a query, read in one call on aiosqlite's thread, by a caller
+        that holds ``_lock`` (a read inside a write). A cursor read in two steps
+        (execute, then fetch) lets another task's write on the same connection run in
+        between, and SQLite leaves such a read undefined (a ``GROUP BY status`` once
+        counted a job under ``NULL``)."""
         return list(await self.db.execute_fetchall(sql, params))
 
     async def _row(self, sql: str, params: Sequence[Any] = ()) -> Any:
         rows = await self._rows(sql, params)
         return rows[0] if rows else None
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """One transaction under ``_lock``: committed when the block ends, rolled back
+        when it raises. Without the rollback, the next write's commit would store the
+        half of a failed commit that ran (artifacts without their job update)."""
+        async with self._lock:
+            try:
+                yield
+            except BaseException:
+                await self.db.rollback()
+                raise
+            await self.db.commit()
+
+    async def _read_rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """``_rows`` for a reader: under ``_lock``, so never between the statements of
+        a write. Every task shares one connection, which sees its own uncommitted
+        rows: the API could show an artifact that a crash before the commit then lost."""
+        async with self._lock:
+            return await self._rows(sql, params)
+
+    async def _read_row(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._read_rows(sql, params)
+        return rows[0] if rows else None
+
+    async def _load(self, job_id: str) -> Job | None:
+        """The job, for a caller that holds ``_lock``."""
+        row = await self._row("SELECT doc FROM jobs WHERE id=?", (job_id,))
+        return Job.from_dict(json.loads(row[0])) if row else None
 
     async def _create(self, job: Job) -> tuple[Job, bool]:
         return await self._create_with_events(job, ())
@@ -136,14 +167,14 @@ class SqliteStore(JobStore):
     async def _create_with_events(
         self, job: Job, events: tuple[tuple[str, JSON], ...]
     ) -> tuple[Job, bool]:
-        async with self._lock:
+        async with self._write():
             if job.idempotency_key:
                 row = await self._row(
                     "SELECT job_id, created_at FROM idempotency WHERE tenant=? AND key=?",
                     (job.tenant, job.idempotency_key),
                 )
                 if row and time.time() - row[1] < IDEMPOTENCY_TTL_S:
-                    existing = await self._get(row[0])
+                    existing = await self._load(row[0])
                     if existing is not None:
                         return existing, False
                 await self.db.execute(
@@ -156,14 +187,13 @@ class SqliteStore(JobStore):
             )
             if events:
                 await self._insert_events(job.id, events)
-            await self.db.commit()
         if events:
             await self._notify(job.id)
         return job, True
 
     async def _get(self, job_id: str) -> Job | None:
-        row = await self._row("SELECT doc FROM jobs WHERE id=?", (job_id,))
-        return Job.from_dict(json.loads(row[0])) if row else None
+        async with self._lock:
+            return await self._load(job_id)
 
     async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         return await self._update_with_events(job_id, expect, changes, ())
@@ -175,20 +205,19 @@ class SqliteStore(JobStore):
         changes: JSON,
         events: tuple[tuple[str, JSON], ...],
     ) -> Job | None:
-        async with self._lock:
+        async with self._write():
             updated = await self._apply_update(job_id, expect, changes)
             if updated is not None and events:
                 await self._insert_events(job_id, events)
-            await self.db.commit()
         if updated is not None and events:
             await self._notify(job_id)
         return updated
 
     async def _commit(self, job_id: str, batch: Commit) -> bool:
         """One transaction for the whole batch."""
-        async with self._lock:
+        async with self._write():
             if batch.expect.attempts is not None:
-                job = await self._get(job_id)
+                job = await self._load(job_id)
                 if job is None or job.attempts != batch.expect.attempts:
                     return False
             for artifact in batch.artifacts:
@@ -205,14 +234,13 @@ class SqliteStore(JobStore):
             updated = await self._apply_update(job_id, batch.expect, batch.changes)
             if updated is not None and batch.events:
                 await self._insert_events(job_id, batch.events)
-            await self.db.commit()
         if updated is not None and batch.events:
             await self._notify(job_id)
         return updated is not None
 
     async def _apply_update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         """The compare-and-set, inside the caller's lock and transaction."""
-        job = await self._get(job_id)
+        job = await self._load(job_id)
         if job is None or not expect.holds(job):
             return None
         updated = Job.from_dict({**job.to_dict(), **changes})
@@ -223,7 +251,7 @@ class SqliteStore(JobStore):
         return updated
 
     async def _delete(self, job_id: str) -> None:
-        async with self._lock:
+        async with self._write():
             for table, column in (
                 ("jobs", "id"),
                 ("idempotency", "job_id"),
@@ -233,7 +261,6 @@ class SqliteStore(JobStore):
                 ("cancels", "job_id"),
             ):
                 await self.db.execute(f"DELETE FROM {table} WHERE {column}=?", (job_id,))
-            await self.db.commit()
 
     async def _list_jobs(
         self, tenant: str | None, status: str | None, limit: int, cursor: str | None
@@ -254,7 +281,7 @@ class SqliteStore(JobStore):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = await self._rows(sql, (*args, limit + 1))
+        rows = await self._read_rows(sql, (*args, limit + 1))
         jobs = [Job.from_dict(json.loads(r[0])) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -263,12 +290,12 @@ class SqliteStore(JobStore):
         return jobs, next_cursor
 
     async def _count_by_status(self) -> dict[str, int]:
-        rows = await self._rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        rows = await self._read_rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
         return {status: count for status, count in rows}
 
     async def _unfinished_job_ids(self) -> list[str]:
         marks = ",".join("?" * len(ACTIVE_STATUSES))
-        rows = await self._rows(
+        rows = await self._read_rows(
             f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at",
             tuple(sorted(ACTIVE_STATUSES)),
         )
@@ -277,9 +304,8 @@ class SqliteStore(JobStore):
     # -- artifacts and cache ---------------------------------------------
 
     async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
-        async with self._lock:
+        async with self._write():
             await self._insert_artifact(job_id, artifact)
-            await self.db.commit()
 
     async def _insert_artifact(self, job_id: str, artifact: Artifact) -> None:
         await self.db.execute(
@@ -289,15 +315,19 @@ class SqliteStore(JobStore):
         )
 
     async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
-        row = await self._row("SELECT doc FROM artifacts WHERE job_id=? AND name=?", (job_id, name))
+        row = await self._read_row(
+            "SELECT doc FROM artifacts WHERE job_id=? AND name=?", (job_id, name)
+        )
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
-        rows = await self._rows("SELECT doc FROM artifacts WHERE job_id=? ORDER BY seq", (job_id,))
+        rows = await self._read_rows(
+            "SELECT doc FROM artifacts WHERE job_id=? ORDER BY seq", (job_id,)
+        )
         return [Artifact.from_dict(json.loads(r[0])) for r in rows]
 
     async def _cache_get(self, key: str) -> Artifact | None:
-        row = await self._row("SELECT doc FROM cache WHERE key=?", (key,))
+        row = await self._read_row("SELECT doc FROM cache WHERE key=?", (key,))
         return Artifact.from_dict(json.loads(row[0])) if row else None
 
     async def _rows_in(self, sql: str, values: list[str]) -> list[Any]:
@@ -306,7 +336,9 @@ class SqliteStore(JobStore):
         rows: list[Any] = []
         for start in range(0, len(values), 500):
             chunk = values[start : start + 500]
-            rows.extend(await self._rows(sql.format(marks=",".join("?" * len(chunk))), chunk))
+            rows.extend(
+                await self._read_rows(sql.format(marks=",".join("?" * len(chunk))), chunk)
+            )
         return rows
 
     async def _cache_get_many(self, keys: list[str]) -> list[Artifact | None]:
@@ -315,11 +347,10 @@ class SqliteStore(JobStore):
         return [found.get(key) for key in keys]
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
-        async with self._lock:
+        async with self._write():
             await self.db.execute(
                 "INSERT OR REPLACE INTO cache VALUES (?, ?)", (key, json.dumps(artifact.to_dict()))
             )
-            await self.db.commit()
 
     # -- events and trace -------------------------------------------------
 
@@ -330,9 +361,8 @@ class SqliteStore(JobStore):
         return cond
 
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
-        async with self._lock:
+        async with self._write():
             (event,) = await self._insert_events(job_id, ((type, data),))
-            await self.db.commit()
         await self._notify(job_id)
         return event
 
@@ -355,7 +385,7 @@ class SqliteStore(JobStore):
             cond.notify_all()
 
     async def _fetch_events(self, job_id: str, after: int) -> list[Event]:
-        rows = await self._rows(
+        rows = await self._read_rows(
             "SELECT id, type, data FROM events WHERE job_id=? AND id>? ORDER BY id", (job_id, after)
         )
         return [Event(r[0], r[1], json.loads(r[2])) for r in rows]
@@ -377,25 +407,23 @@ class SqliteStore(JobStore):
         return await self._fetch_events(job_id, after)
 
     async def _add_trace(self, job_id: str, record: JSON) -> None:
-        async with self._lock:
+        async with self._write():
             await self.db.execute(
                 "INSERT INTO trace (job_id, doc) VALUES (?, ?)", (job_id, json.dumps(record))
             )
-            await self.db.commit()
 
     async def _get_trace(self, job_id: str) -> list[JSON]:
-        rows = await self._rows("SELECT doc FROM trace WHERE job_id=? ORDER BY seq", (job_id,))
+        rows = await self._read_rows("SELECT doc FROM trace WHERE job_id=? ORDER BY seq", (job_id,))
         return [json.loads(r[0]) for r in rows]
 
     # -- cancellation -----------------------------------------------------
 
     async def _request_cancel(self, job_id: str) -> None:
-        async with self._lock:
+        async with self._write():
             await self.db.execute("INSERT OR IGNORE INTO cancels VALUES (?)", (job_id,))
-            await self.db.commit()
 
     async def _cancel_requested(self, job_id: str) -> bool:
-        return await self._row("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) is not None
+        return await self._read_row("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) is not None
 
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
         rows = await self._rows_in("SELECT job_id FROM cancels WHERE job_id IN ({marks})", job_ids)
