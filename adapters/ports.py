@@ -182,12 +182,6 @@ def _check_changes(changes: JSON) -> None:
     changes.setdefault("updated_at", time.time())
 
 
-def _expect(statuses: Iterable[str] | None, attempts: int | None) -> Expect:
-    if statuses is None and attempts is None:
-        return ANY
-    return Expect(frozenset(statuses) if statuses is not None else None, attempts)
-
-
 @dataclass(frozen=True)
 class Expect:
     """The condition of a job write (a compare-and-set): the job's status is one of
@@ -206,6 +200,12 @@ class Expect:
 
 
 ANY = Expect()
+
+
+def _expect(statuses: Iterable[str] | None, attempts: int | None) -> Expect:
+    if statuses is None and attempts is None:
+        return ANY
+    return Expect(frozenset(statuses) if statuses is not None else None, attempts)
 
 
 @dataclass(frozen=True)

@@ -216,10 +216,11 @@ class SqliteStore(JobStore):
     async def _commit(self, job_id: str, batch: Commit) -> bool:
         """One transaction for the whole batch."""
         async with self._write():
-            if batch.expect.attempts is not None:
-                job = await self._load(job_id)
-                if job is None or job.attempts != batch.expect.attempts:
-                    return False
+            job = await self._load(job_id)
+            if batch.expect.attempts is not None and (
+                job is None or job.attempts != batch.expect.attempts
+            ):
+                return False
             for artifact in batch.artifacts:
                 await self._insert_artifact(job_id, artifact)
             for key, artifact in batch.cache:
@@ -231,7 +232,8 @@ class SqliteStore(JobStore):
                     "INSERT INTO trace (job_id, doc) VALUES (?, ?)",
                     [(job_id, json.dumps(record)) for record in batch.traces],
                 )
-            updated = await self._apply_update(job_id, batch.expect, batch.changes)
+            # the artifact, cache and trace rows above leave the job row as loaded
+            updated = await self._apply(job, batch.expect, batch.changes)
             if updated is not None and batch.events:
                 await self._insert_events(job_id, batch.events)
         if updated is not None and batch.events:
@@ -240,13 +242,16 @@ class SqliteStore(JobStore):
 
     async def _apply_update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         """The compare-and-set, inside the caller's lock and transaction."""
-        job = await self._load(job_id)
+        return await self._apply(await self._load(job_id), expect, changes)
+
+    async def _apply(self, job: Job | None, expect: Expect, changes: JSON) -> Job | None:
+        """``_apply_update`` of a job the caller loaded in the same transaction."""
         if job is None or not expect.holds(job):
             return None
         updated = Job.from_dict({**job.to_dict(), **changes})
         await self.db.execute(
             "UPDATE jobs SET status=?, doc=? WHERE id=?",
-            (updated.status, json.dumps(updated.to_dict()), job_id),
+            (updated.status, json.dumps(updated.to_dict()), job.id),
         )
         return updated
 

@@ -68,13 +68,7 @@ _T = {
 }
 
 
-def _topics(text: str, limit: int = 5) -> list[str]:
-    return list(_ranked_words(text, limit))
-
-
-@lru_cache(maxsize=256)
 def _ranked_words(text: str, limit: int) -> tuple[str, ...]:
-    """Every step of a job reads the same pitch: rank its words once per process."""
     words = [w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP]
     ranked = [w for w, _ in Counter(words).most_common()]
     return tuple(ranked[:limit] or ["market"])
@@ -91,9 +85,10 @@ def _split_sentences(text: str) -> tuple[str, ...]:
 
 @lru_cache(maxsize=256)
 def _pitch_topics(title: str, text: str) -> tuple[str, ...]:
-    """Up to five topics of the pitch, none a word of the title."""
+    """Up to five topics of the pitch, none a word of the title. Every step of a job
+    reads the same pitch: its words are ranked once per process."""
     title_words = {w.lower() for w in _WORD.findall(title)}
-    return tuple([t for t in _topics(text, 8) if t not in title_words][:5] or ["market"])
+    return tuple([t for t in _ranked_words(text, 8) if t not in title_words][:5] or ["market"])
 
 
 @lru_cache(maxsize=1024)

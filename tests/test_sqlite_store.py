@@ -41,6 +41,14 @@ async def slow(tmp_path: Path) -> AsyncIterator[_SlowEvents]:
     await store.close()
 
 
+@pytest.fixture
+async def on_file(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(str(tmp_path / "jobs.db"))
+    await store.open()
+    yield store
+    await store.close()
+
+
 async def test_a_reader_never_sees_a_commit_that_has_not_ended(slow: _SlowEvents) -> None:
     """An artifact read while its commit is still open is not returned before the commit ends."""
     job, _ = await slow.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
@@ -53,17 +61,12 @@ async def test_a_reader_never_sees_a_commit_that_has_not_ended(slow: _SlowEvents
     assert await commit
 
 
-async def test_a_failed_commit_leaves_nothing_for_the_next_write_to_store(tmp_path: Path) -> None:
+async def test_a_failed_commit_leaves_nothing_for_the_next_write_to_store(
+    on_file: SqliteStore,
+) -> None:
     """A commit that fails half-way is rolled back: a later write does not store its first half."""
-    store = SqliteStore(str(tmp_path / "jobs.db"))
-    await store.open()
-    try:
-        job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
-        with pytest.raises(TypeError):
-            await store.commit(
-                job.id, artifacts=[_artifact("brief")], traces=[{"not json": object()}]
-            )
-        assert await store.update(job.id, expect={QUEUED}, progress={"percentage": 7})
-        assert await store.list_artifacts(job.id) == []
-    finally:
-        await store.close()
+    job, _ = await on_file.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
+    with pytest.raises(TypeError):
+        await on_file.commit(job.id, artifacts=[_artifact("brief")], traces=[{"not json": object()}])
+    assert await on_file.update(job.id, expect={QUEUED}, progress={"percentage": 7})
+    assert await on_file.list_artifacts(job.id) == []
