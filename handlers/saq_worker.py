@@ -40,8 +40,8 @@ YOUNG_GC_THRESHOLD = 100_000
 youngest GC generation in a worker. A job's objects are freed by reference counting
 when it ends, so above the growth of the in-flight jobs' data this count is rarely
 reached: at 20,000 a batch of 200 jobs still paid four collections of ~19 ms each.
-Garbage held only by reference cycles waits for at most this many objects (a few
-tens of MB at most)."""
+Garbage held only by reference cycles may wait for up to this many objects; in the
+200-job batch the peak memory per in-flight job rose from 116-120 to 128-138 KiB."""
 DEQUEUE_TIMEOUT_S = 1.0
 """A blocked dequeue returns this often, so shutdown does not wait on an idle slot."""
 

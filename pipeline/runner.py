@@ -93,7 +93,8 @@ class _Stopped(Exception):
 async def _outcome(task: asyncio.Future[Any]) -> Any:
     """``task``'s result; cancelling the caller does not cancel ``task``. What
     ``asyncio.shield`` does, with one future and one callback instead of two each
-    (it ran once per commit, a few percent of a busy worker's CPU)."""
+    (it runs once per commit; shield was ~3 % of samples in a py-spy profile of 200
+    jobs in process)."""
     if not task.done():
         waiter = asyncio.get_running_loop().create_future()
         wake = functools.partial(_wake, waiter)
