@@ -111,6 +111,7 @@ elseif ttl == 0 then
 else
     redis.call('DEL', KEYS[3])
 end
+return 1
 """
 """SAQ's ``_finish`` transaction (MULTI/EXEC) as one script, so it can share a batch,
 refused for a superseded delivery."""

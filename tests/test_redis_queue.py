@@ -151,6 +151,27 @@ async def test_a_superseded_delivery_leaves_the_new_one_alone(queue: SaqQueue) -
     assert await queue.saq.count("active") == 0
 
 
+async def test_a_delivery_s_own_finish_is_published(queue: SaqQueue) -> None:
+    """A delivery that finishes its own job (failed here) publishes the new status, which
+    SAQ's listeners wait for, instead of taking itself for a superseded one."""
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+    job = await queue.saq.dequeue(timeout=1)
+    assert job is not None
+    job.started, job.attempts = now(), 1
+    await job.update(status=Status.ACTIVE)
+    async with queue.saq.redis.pubsub() as pubsub:
+        await pubsub.subscribe(job.id)
+        await job.finish(Status.FAILED, error="boom")
+        async with asyncio.timeout(10):
+            while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)) is None:
+                pass
+    assert message["data"] == b"failed"
+    stored = await queue.saq.job(job_id)
+    assert stored is not None and stored.status == Status.FAILED
+    assert await queue.saq.count("active") == 0
+
+
 async def test_unreachable_redis_is_store_unavailable() -> None:
     """With nothing on the port, ping, stats and enqueue raise StoreUnavailable (HTTP 503)."""
     queue = SaqQueue(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
