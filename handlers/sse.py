@@ -18,14 +18,18 @@ from adapters.constants import EV_DONE, TERMINAL_STATUSES
 from adapters.ports import Job, JobStore
 
 RETRY_MS = 2000
+MAX_EVENT_ID = 2**53
+"""Above any id a job's log issues (and the largest integer JavaScript keeps exact)."""
 log = structlog.get_logger("jobq.sse")
 
 
 def last_event_id(header: str | None, query: str | None) -> int:
-    """The id to resume after: the header wins, then ``?lastEventId=``; junk means 0."""
+    """The id to resume after: the header wins, then ``?lastEventId=``. Junk, which
+    includes other scripts' digits and ids no log issues, means 0: replay from the start."""
     for raw in (header, query):
-        if raw and raw.strip().isdigit():
-            return int(raw.strip())
+        text = (raw or "").strip()
+        if text.isascii() and text.isdecimal() and int(text) <= MAX_EVENT_ID:
+            return int(text)
     return 0
 
 
@@ -49,11 +53,13 @@ async def job_events(
     deadline = started + window_s if window_s > 0 else None
     next_beat = started + heartbeat_s
     yield ServerSentEventMessage(data=None, retry=RETRY_MS)
+    first = True
     while True:
         now = loop.time()
         if deadline is not None and now >= deadline:
             return
-        wait = max(0.0, min(next_beat, deadline or next_beat) - now)
+        # The first read does not wait: a reconnect after ``done`` has nothing to wait for.
+        wait = 0.0 if first else max(0.0, min(next_beat, deadline or next_beat) - now)
         events = await store.read_events(job_id, after, wait_s=wait)
         for event in events:
             if event.id <= after:
@@ -62,18 +68,28 @@ async def job_events(
             yield ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
             if event.type == EV_DONE:
                 return
+        if first and not events and await _finished_without_done(store, job_id, after, load_job):
+            # A client that saw ``done`` and reconnected anyway: tell it again, at once.
+            yield await _done_without_id(load_job)
+            return
+        first = False
         if loop.time() >= next_beat:
             next_beat = loop.time() + heartbeat_s
             if not events and await _finished_without_done(store, job_id, after, load_job):
                 # The log lost its tail (expired or never written): close rather than
-                # leave the client waiting forever. No id: nothing to resume after.
+                # leave the client waiting forever.
                 log.warning("sse_log_without_done", job_id=job_id, after=after)
-                job = await load_job()
-                yield ServerSentEventMessage(
-                    event=EV_DONE, data=json.dumps({"status": job.status if job else "unknown"})
-                )
+                yield await _done_without_id(load_job)
                 return
             yield ServerSentEventMessage(data=None, comment="keep-alive")
+
+
+async def _done_without_id(load_job: Callable[[], Awaitable[Job | None]]) -> ServerSentEventMessage:
+    """A closing ``done`` with no id: the client's last id stays the one to resume after."""
+    job = await load_job()
+    return ServerSentEventMessage(
+        event=EV_DONE, data=json.dumps({"status": job.status if job else "unknown"})
+    )
 
 
 async def _finished_without_done(

@@ -147,6 +147,7 @@ def read_stream(
     via: str = "header",
     params: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
+    timeout_s: float = WAIT_S,
 ) -> SseStream:
     """Read ``/stream`` until the server ends it, parsing the wire format by hand."""
     headers = dict(headers or {})
@@ -157,7 +158,7 @@ def read_stream(
         else:
             params["lastEventId"] = str(last_event_id)
     url = f"/api/jobs/{job_id}/stream"
-    with client.stream("GET", url, headers=headers, params=params, timeout=WAIT_S) as response:
+    with client.stream("GET", url, headers=headers, params=params, timeout=timeout_s) as response:
         result = SseStream(response.status_code, response.headers)
         if response.status_code != 200:
             response.read()

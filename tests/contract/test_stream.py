@@ -111,6 +111,34 @@ def test_finished_job_replays_final_status_result_and_done(service: Service) -> 
     assert stream.of("status")[-1]["status"] == "completed"
 
 
+@pytest.mark.parametrize("junk", ["\u00b2", "99999999999999999999999", "-3", "1e3"])
+def test_a_junk_last_event_id_replays_from_the_start(service: Service, junk: str) -> None:
+    """An id the log never issued (other scripts' digits, out of range, signed, float)
+    counts as none: the whole log, through done, instead of an error or a broken stream."""
+    with service.client() as client:
+        job_id = submit(client)
+        wait_for(client, job_id)
+        whole = read_stream(client, job_id)
+        for again in (
+            read_stream(client, job_id, headers={"Last-Event-ID": junk.encode()}),  # type: ignore[dict-item]  # httpx sends bytes as they are
+            read_stream(client, job_id, params={"lastEventId": junk}),
+        ):
+            assert again.status_code == 200
+            assert [(e.id, e.event) for e in again.events] == [(e.id, e.event) for e in whole.events]
+
+
+def test_a_reconnect_after_done_is_told_done_at_once(service_factory: ServiceFactory) -> None:
+    """A client that saw done and reconnects with its id gets one id-less done right away,
+    not a wait for the next heartbeat (here a minute, past the read deadline)."""
+    deployment = service_factory({"SSE_HEARTBEAT_S": "60"})
+    with deployment.client() as client:
+        job_id = submit(client)
+        wait_for(client, job_id)
+        whole = read_stream(client, job_id)
+        again = read_stream(client, job_id, last_event_id=whole.ids[-1], timeout_s=20)
+    assert [(e.id, e.event, e.data) for e in again.events] == [(None, "done", {"status": "completed"})]
+
+
 def test_stream_of_unknown_job_is_404_json(service: Service) -> None:
     """An unknown job id answers 404 with an error body, not an empty stream."""
     with service.client() as client:
