@@ -103,6 +103,11 @@ async def json_body(request: Request[Any, Any, Any]) -> object:
             "request body is not valid JSON",
             extra=[{"field": "body", "message": f"invalid JSON: {exc}"}],
         ) from None
+    except RecursionError:
+        raise InvalidBody(
+            "request body is nested too deeply",
+            extra=[{"field": "body", "message": "JSON nested too deeply"}],
+        ) from None
 
 
 def error_response(

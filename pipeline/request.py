@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,6 +11,10 @@ DEFAULT_TARGET = "Pre-Seed/Seed VCs"
 DEFAULT_GEO = "EU/DACH"
 DEFAULT_PARALLEL_LIMIT = 2
 DEFAULT_TIMEOUT_MS = 300_000
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""What ``\\ud800``-style JSON escapes that pair with nothing decode to: no UTF-8 exists for it."""
 
 
 class RequestInvalid(Exception):
@@ -59,6 +64,9 @@ class _Checker:
             return default or ""
         if not isinstance(value, str):
             self.error(field, "must be a string")
+            return ""
+        if not value.isascii() and _SURROGATE.search(value):
+            self.error(field, "must be text: it holds a lone UTF-16 surrogate escape")
             return ""
         trimmed = value.strip()
         if not trimmed:

@@ -30,6 +30,8 @@ RULES = [
     ("project_title", _b(project_title="x" * 201)),
     ("project_title", _b(project_title=42)),
     ("project_title", _b(project_title=["a"])),
+    ("project_title", _b(project_title="a\ud800")),  # a lone surrogate: valid JSON, no text
+    ("elevator_pitch", _b(elevator_pitch="x \udfff y")),
     ("elevator_pitch", _b(elevator_pitch=...)),
     ("elevator_pitch", _b(elevator_pitch="  ")),
     ("elevator_pitch", _b(elevator_pitch="p" * 10_001)),
@@ -40,6 +42,7 @@ RULES = [
     ("language", _b(language=1)),
     ("target", _b(target="t" * 201)),
     ("target", _b(target=5)),
+    ("target", _b(target="\ud83d")),
     ("geo", _b(geo="g" * 101)),
     ("geo", _b(geo=False)),
     ("skip_cache", _b(skip_cache="yes")),
@@ -105,7 +108,16 @@ def test_every_broken_rule_is_reported_at_once(service: Service) -> None:
 
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
-    "raw", [b"{not json", b"", b"   ", b'{"project_title": "x",', b"\xff\xfe\x00garbage"]
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b"   ",
+        b'{"project_title": "x",',
+        b"\xff\xfe\x00garbage",
+        b"[" * 50_000 + b"]" * 50_000,
+    ],
+    ids=["unclosed", "empty", "blank", "cut", "binary", "nested-too-deep"],
 )
 def test_non_json_body_is_a_400(service: Service, raw: bytes) -> None:
     """A body that is not JSON answers 400 with details on the body."""
