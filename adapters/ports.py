@@ -24,6 +24,22 @@ from adapters.constants import ACTIVE_STATUSES, QUEUED, STATUSES
 JSON = dict[str, Any]
 
 ARTIFACT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_LIST_CURSOR_RE = re.compile(r"([0-9.e+-]{1,32})~([A-Za-z0-9_-]{1,100})")
+
+
+def list_cursor(last: Job) -> str:
+    """The cursor after ``last`` in a newest-first listing: ``created_at~id``."""
+    return f"{last.created_at!r}~{last.id}"
+
+
+def parse_list_cursor(cursor: str) -> tuple[float, str]:
+    """(created_at, id) of a :func:`list_cursor`; ``ValueError`` for anything else
+    (``nan~x`` or ``inf~x`` would reach the store as a bound no job has)."""
+    match = _LIST_CURSOR_RE.fullmatch(cursor)
+    created = float(match[1]) if match else math.nan
+    if match is None or not math.isfinite(created):
+        raise ValueError("not a cursor this store issued")
+    return created, match[2]
 
 
 class StoreUnavailable(Exception):

@@ -62,7 +62,18 @@ from adapters.constants import (
     STATUSES,
     TRACE_KEY,
 )
-from adapters.ports import JSON, Artifact, Commit, Event, Expect, Job, JobStore, StoreUnavailable
+from adapters.ports import (
+    JSON,
+    Artifact,
+    Commit,
+    Event,
+    Expect,
+    Job,
+    JobStore,
+    StoreUnavailable,
+    list_cursor,
+    parse_list_cursor,
+)
 from adapters.redis_packing import with_hiredis_packing
 
 log = structlog.get_logger("jobq.store")
@@ -634,8 +645,7 @@ class RedisStore(JobStore):
         index = self._index(tenant, status)
         after: tuple[float, str] | None = None
         if cursor:
-            created, _, last_id = cursor.partition("~")
-            after = (float(created), last_id)
+            after = parse_list_cursor(cursor)
         jobs: list[Job] = []
         offset = 0
         batch = limit + 1
@@ -673,7 +683,7 @@ class RedisStore(JobStore):
         if len(jobs) > limit:
             jobs = jobs[:limit]
             last = jobs[-1]
-            next_cursor = f"{last.created_at!r}~{last.id}"
+            next_cursor = list_cursor(last)
         return jobs, next_cursor
 
     async def _get_many(self, job_ids: list[str]) -> list[Job | None]:

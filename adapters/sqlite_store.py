@@ -26,6 +26,8 @@ from adapters.ports import (
     Job,
     JobStore,
     StoreUnavailable,
+    list_cursor,
+    parse_list_cursor,
 )
 
 SCHEMA = """
@@ -279,9 +281,9 @@ class SqliteStore(JobStore):
             where.append("status=?")
             args.append(status)
         if cursor:
-            created, _, job_id = cursor.partition("~")
+            created, job_id = parse_list_cursor(cursor)
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args += [float(created), float(created), job_id]
+            args += [created, created, job_id]
         sql = "SELECT doc FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -291,7 +293,7 @@ class SqliteStore(JobStore):
         next_cursor = None
         if len(rows) > limit:
             last = jobs[-1]
-            next_cursor = f"{last.created_at!r}~{last.id}"
+            next_cursor = list_cursor(last)
         return jobs, next_cursor
 
     async def _count_by_status(self) -> dict[str, int]:

@@ -238,7 +238,13 @@ def test_wrong_method_is_405_json(service: Service) -> None:
 @pytest.mark.usefixtures("unchanged")
 @pytest.mark.parametrize(
     "params",
-    [{"limit": "0"}, {"limit": "1000"}, {"limit": "many"}, {"status": "done"}, {"cursor": "garbage"}],
+    [
+        {"limit": "0"},
+        {"limit": "1000"},
+        {"limit": "many"},
+        {"status": "done"},
+        *({"cursor": c} for c in ["garbage", "nan~x", "NaN", "inf~x", "1e999~x", "-inf~", "1.5~", "1.5~a/b"]),
+    ],
 )
 def test_bad_list_queries_are_400(service: Service, params: dict[str, str]) -> None:
     """List query parameters out of range or malformed answer 400."""
