@@ -265,6 +265,14 @@ async def ping_within_budget(client: aioredis.Redis, what: str) -> None:
         raise StoreUnavailable(f"{what} did not answer: {exc or 'timeout'}") from exc
 
 
+def ping_client(url: str) -> aioredis.Redis:
+    """A client for health checks: short timeouts and one retry, for a connection that a
+    Redis restart closed (it fails at once and is replaced). A down or hung Redis is
+    reported within ``PING_BUDGET_S``, a restarted one is not, and a later ping
+    reconnects by itself."""
+    return redis_client(url, max_connections=4, retries=1, connect_timeout_s=PING_BUDGET_S / 2)
+
+
 _DRIVER_INFO = DriverInfo()
 
 
@@ -436,12 +444,10 @@ class RedisStore(JobStore):
         self._redis = redis_client(url, max_connections=max_connections)
         # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): its
         # own pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.
-        self._blocking = redis_client(url, max_connections=MAX_BLOCKING_CONNECTIONS, retries=0)
-        # Health checks: short timeouts, no retries, so a down or hung Redis is
-        # reported within PING_BUDGET_S and a later ping reconnects by itself.
-        self._ping_client = redis_client(
-            url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2
-        )
+        # One retry: a connection that a Redis restart closed fails at once and is
+        # replaced, where no retry failed one stream per pooled connection.
+        self._blocking = redis_client(url, max_connections=MAX_BLOCKING_CONNECTIONS, retries=1)
+        self._ping_client = ping_client(url)
         self._create_script = self._redis.register_script(_CREATE)
         self._commit_script = self._redis.register_script(_COMMIT)
         self._auto = AutoPipeline(self._redis)

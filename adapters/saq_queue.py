@@ -35,8 +35,8 @@ from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.ports import JSON, Queue, StoreUnavailable
 from adapters.redis_store import (
     OP_TIMEOUT_S,
-    PING_BUDGET_S,
     AutoPipeline,
+    ping_client,
     ping_within_budget,
     redis_client,
 )
@@ -304,9 +304,7 @@ class SaqQueue(Queue):
             name=queue_name(prefix),
             sweep_abort_wait_s=sweep_abort_wait_s,
         )
-        self._ping_client = redis_client(
-            url, max_connections=4, retries=0, connect_timeout_s=PING_BUDGET_S / 2
-        )
+        self._ping_client = ping_client(url)
         self._opened = False
 
     async def open(self) -> None:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from adapters.constants import CANCELLED, COMPLETED, QUEUED, RUNNING
 from adapters.ports import Artifact, Job, StoreUnavailable
 from adapters.redis_store import RedisStore
+from adapters.saq_queue import SaqQueue
 from tests.support.redis_server import (
     RedisServer,
     free_port,
@@ -287,6 +288,25 @@ async def test_store_recovers_after_redis_restarts(own_redis: RedisServer) -> No
     await _until_ping_ok(store)
     await store.create(_job())
     assert (await store.count_by_status())[QUEUED] >= 1
+    await store.close()
+
+
+async def test_the_first_reads_after_a_restart_reconnect(own_redis: RedisServer) -> None:
+    """After Redis restarted under idle pooled connections, the first health check and the
+    first blocking event read (an SSE stream) connect again instead of failing once per
+    dead connection."""
+    store = RedisStore(own_redis.url, prefix=unique_prefix())
+    queue = SaqQueue(own_redis.url, prefix=unique_prefix())
+    await queue.open()
+    job, _ = await store.create(_job())
+    await store.ping()
+    await queue.ping()
+    assert await store.read_events(job.id, 10**6, wait_s=0.05) == []  # a blocking read
+    own_redis.restart()
+    await store.ping()
+    await queue.ping()
+    assert await store.read_events(job.id, 10**6, wait_s=0.05) == []
+    await queue.close()
     await store.close()
 
 
