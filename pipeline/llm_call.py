@@ -38,7 +38,9 @@ class StepCall:
     the text of an artifact it has rendered before)."""
     trace: Callable[[JSON], None] | None = None
     """Where trace records go; ``None`` writes each to the store at once. The runner
-    collects them and stores them with the step's artifact, in one round trip."""
+    collects them and stores them with the step's artifact, in one round trip. A call
+    aborted from outside is recorded only here: its task is being cancelled, and a
+    store write of its own would delay that."""
 
 
 class _InvalidAnswer(Exception):
@@ -98,6 +100,13 @@ class _Caller:
         self.attempt = 0
 
     async def trace(self, kind: str, outcome: str, started: float, **extra: Any) -> None:
+        record = self._record(kind, outcome, started, **extra)
+        if self.call.trace is not None:
+            self.call.trace(record)
+        else:
+            await self.deps.store.add_trace(self.call.job_id, record)
+
+    def _record(self, kind: str, outcome: str, started: float, **extra: Any) -> JSON:
         prompt_tokens = int(extra.pop("prompt_tokens", 0))
         completion_tokens = int(extra.pop("completion_tokens", 0))
         model = self.deps.config.model_for(self.call.step)
@@ -116,10 +125,7 @@ class _Caller:
             "ts": now_ms(),
             **extra,
         }
-        if self.call.trace is not None:
-            self.call.trace(record)
-        else:
-            await self.deps.store.add_trace(self.call.job_id, record)
+        return record
 
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """One provider call and validation of its answer."""
@@ -129,12 +135,20 @@ class _Caller:
             raise LLMError("timeout", "job deadline reached before the call")
         per_call = min(request.timeout_s, remaining)
         started = time.perf_counter()
+        calling = False
         try:
             async with asyncio.timeout(per_call):
                 if self.deps.limiter is not None:
                     tokens = (len(request.system) + len(request.prompt)) // 4
                     await self.deps.limiter.acquire(request.model, tokens)
+                calling = True
                 reply = await self.deps.llm.complete(request)
+        except asyncio.CancelledError:
+            # Stopped from outside (the job was cancelled, another step failed, the
+            # worker is stopping): the provider may still bill the call, so it is traced.
+            if calling and self.call.trace is not None:
+                self.call.trace(self._record(kind, "aborted", started, error="the job stopped"))
+            raise
         except TimeoutError:
             deadline_hit = per_call >= remaining
             error = LLMError(

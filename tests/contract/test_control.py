@@ -54,6 +54,10 @@ def test_cancel_a_running_job_stops_it_and_is_idempotent(slow_service: Service) 
         assert stream.events[-1].data == {"status": "cancelled"}
         calls = _settled_trace_count(client, job_id)
         assert calls < len(LLM_STEPS)
+        # The call in flight at the cancel was made (and may be billed): it is traced.
+        aborted = [c["step"] for c in trace(client, job_id)["calls"] if c["outcome"] == "aborted"]
+        step = view["error"]["step"]
+        assert aborted == ([step] if step in LLM_STEPS else []), (aborted, step)
 
 
 def test_cancel_a_queued_job_cancels_it_at_once(service_factory: ServiceFactory) -> None:
