@@ -130,23 +130,19 @@ class _Caller:
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """One provider call and validation of its answer."""
         self.attempt += 1
+        await self._wait_for_rate_limit(request)
         remaining = self.call.deadline - time.time()
         if remaining <= 0:
             raise LLMError("timeout", "job deadline reached before the call")
         per_call = min(request.timeout_s, remaining)
         started = time.perf_counter()
-        calling = False
         try:
             async with asyncio.timeout(per_call):
-                if self.deps.limiter is not None:
-                    tokens = (len(request.system) + len(request.prompt)) // 4
-                    await self.deps.limiter.acquire(request.model, tokens)
-                calling = True
                 reply = await self.deps.llm.complete(request)
         except asyncio.CancelledError:
             # Stopped from outside (the job was cancelled, another step failed, the
             # worker is stopping): the provider may still bill the call, so it is traced.
-            if calling and self.call.trace is not None:
+            if self.call.trace is not None:
                 self.call.trace(self._record(kind, "aborted", started, error="the job stopped"))
             raise
         except TimeoutError:
@@ -173,6 +169,19 @@ class _Caller:
             raise _InvalidAnswer(reply.text, str(exc)) from exc
         await self.trace(kind, "ok", started, **usage)
         return data
+
+    async def _wait_for_rate_limit(self, request: LLMRequest) -> None:
+        """Wait for the shared limiter, as long as the job's deadline allows: the wait
+        is not the provider's slowness, so the per-call timeout does not cover it and
+        it is not traced as a call."""
+        if self.deps.limiter is None:
+            return
+        tokens = (len(request.system) + len(request.prompt)) // 4
+        try:
+            async with asyncio.timeout(max(0.0, self.call.deadline - time.time())):
+                await self.deps.limiter.acquire(request.model, tokens)
+        except TimeoutError:
+            raise LLMError("timeout", "job deadline reached waiting for the LLM rate limit") from None
 
     async def with_retries(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """``once`` retried on transient errors; a wait that would cross the

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -179,3 +181,34 @@ async def test_rate_limiter_is_asked_before_every_attempt(store: SqliteStore) ->
     await call_llm_step(deps, evidence_call())
     assert [m for m, _ in acquired] == ["m", "m"]
     assert all(tokens > 0 for _, tokens in acquired)
+
+
+class SlowLimiter:
+    """A limiter that holds every acquire for ``wait_s``."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+
+    async def acquire(self, model: str, tokens: int) -> None:
+        await asyncio.sleep(self.wait_s)
+
+
+async def test_a_rate_limit_wait_does_not_use_up_the_call_timeout(store: SqliteStore) -> None:
+    """A call held by the rate limiter for longer than the per-call timeout is still made,
+    once: only the job's deadline bounds the wait."""
+    llm = Scripted([])
+    config = replace(CONFIG, llm_timeout_s=0.1)
+    call = evidence_call()
+    await call_llm_step(Deps(store, llm, config, SlowLimiter(0.3)), call)
+    assert len(llm.requests) == 1
+    assert [r["outcome"] for r in await store.get_trace(call.job_id)] == ["ok"]
+
+
+async def test_a_rate_limit_wait_past_the_deadline_fails_with_timeout(store: SqliteStore) -> None:
+    """A limiter that would hold the call past the job's deadline ends the step with
+    timeout, and no call is made."""
+    llm = Scripted([])
+    with pytest.raises(LLMError) as failed:
+        await call_llm_step(Deps(store, llm, CONFIG, SlowLimiter(5)), evidence_call(deadline_s=0.2))
+    assert failed.value.code == "timeout" and not failed.value.transient
+    assert llm.requests == []
