@@ -113,6 +113,9 @@ class Job:
     started_at: float | None = None
     completed_at: float | None = None
     attempts: int = 0
+    handoffs: int = 0
+    """Deliveries that handed the job back on shutdown: not lost, so ``worker_lost``
+    counts ``attempts`` minus these."""
     progress: JSON = field(default_factory=dict)
     steps: dict[str, str] = field(default_factory=dict)
     error: JSON | None = None

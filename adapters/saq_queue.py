@@ -5,10 +5,11 @@ heartbeats for ``heartbeat_s`` is aborted and retried by the next sweep of any
 live worker. With the defaults (heartbeat 20 s, sweep every 10 s, 5 s abort
 wait) a SIGKILLed worker's job is running again within about 35 s.
 
-SAQ's ``retries`` counts deliveries. The pipeline is the authority on giving up
-(it fails a job with ``worker_lost`` once its attempts exceed
-``JOB_MAX_ATTEMPTS``), so SAQ is given a few deliveries more than that; an
-extra delivery of a finished job returns at once.
+SAQ's ``retries`` counts deliveries, hand-backs on shutdown included. The
+pipeline is the authority on giving up (it fails a job with ``worker_lost`` once
+``JOB_MAX_ATTEMPTS`` deliveries were lost, hand-backs not counted), so SAQ never
+gives up by itself: its retries are practically unbounded, and a sweep always
+re-queues. An extra delivery of a finished job returns at once.
 
 Knobs read from the environment (the same in web and worker processes, since
 the web process enqueues with them): ``SAQ_HEARTBEAT_S`` (20),
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -116,6 +118,11 @@ return 1
 """SAQ's ``_finish`` transaction (MULTI/EXEC) as one script, so it can share a batch,
 refused for a superseded delivery."""
 
+SAQ_RETRIES = 1000
+"""SAQ's own limit on deliveries: out of reach, since hand-backs count there too."""
+SWEEP_LOCK_MARGIN_S = 5.0
+"""A sweep's lock outlasts its longest run (settle, then one abort wait) by this much."""
+
 _UNHEARD = frozenset({Status.ACTIVE, Status.COMPLETE})
 """SAQ statuses whose pub/sub notification nobody here listens for."""
 
@@ -163,6 +170,16 @@ class JobqRedisQueue(RedisQueue):
         self._update_script = redis.register_script(_UPDATE)
         self._version_lock = asyncio.Lock()
         self._auto = AutoPipeline(redis)
+        self._released: set[int] = set()
+        """``id()`` of deliveries that found their job held by another delivery."""
+
+    def release(self, delivery: SaqJob) -> None:
+        """``delivery`` found the job run by another delivery (the job store refused its
+        writes): its finish leaves SAQ's record to that one. Two deliveries can count
+        the same attempts (a job re-queued twice), so the attempts guard alone let the
+        loser mark the job complete and drop it from the active list, where the sweep
+        would no longer find it if the winner then died."""
+        self._released.add(id(delivery))
 
     async def _get_job_by_id(self, job_id: bytes | str) -> SaqJob | None:
         return self.deserialize(await self._auto.submit("GET", job_id))
@@ -183,6 +200,10 @@ class JobqRedisQueue(RedisQueue):
         result: Any = None,
         error: str | None = None,
     ) -> None:
+        if id(job) in self._released:
+            self._released.discard(id(job))
+            log.info("saq_finish_left_to_other_delivery", job_id=job.key, attempts=job.attempts)
+            return
         keys = [self._active, self._incomplete, job.id]
         args = [job.ttl, self.serialize(job), job.attempts]
         if await self._auto.eval(self._finish_script, keys, args):
@@ -233,7 +254,13 @@ class JobqRedisQueue(RedisQueue):
         return job
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
-        listed = await self._sweep_list(keys=[self._sweep, self._active], args=[lock])
+        # SAQ holds the sweep lock for the sweep period (``lock``) only. A sweep that
+        # outlasted it (one abort wait per job, one after another) let another worker
+        # sweep the jobs this one had listed but not yet aborted: both re-queued them
+        # and two workers ran each. The aborts now go out at once (below); the lock
+        # still covers a sweep's longest run, for a slow Redis.
+        held = max(lock, math.ceil(self.settle_s + self.sweep_abort_wait_s + SWEEP_LOCK_MARGIN_S))
+        listed = await self._sweep_list(keys=[self._sweep, self._active], args=[held])
         stale: list[SaqJob] = []
         unsettled: list[str] = []
         missing: list[str] = []
@@ -261,8 +288,13 @@ class JobqRedisQueue(RedisQueue):
                 pipe.zrem(self._incomplete, job_id)
                 await pipe.execute()
             log.info("saq_swept_missing_job", saq_id=job_id)
-        for job in stale:
-            await self._sweep_one(job)
+        # All at once: each waits up to ``sweep_abort_wait_s`` for a worker that, when
+        # it died, will never answer (one after another, 20 jobs of a killed worker
+        # took two minutes to come back).
+        outcomes = await asyncio.gather(*(self._sweep_one(job) for job in stale), return_exceptions=True)
+        for job, outcome in zip(stale, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # still in the active list: the next sweep
+                log.warning("saq_sweep_failed", job_id=job.key, error=str(outcome))
         return [job.id for job in stale] + missing
 
     async def _sweep_one(self, job: SaqJob) -> None:
@@ -271,10 +303,9 @@ class JobqRedisQueue(RedisQueue):
         await self.abort(job, error=self.swept_error_message)
         with contextlib.suppress(TimeoutError):
             await job.refresh(self.sweep_abort_wait_s)
-        if job.retryable:
-            await self.retry(job, error=self.swept_error_message)
-        else:
-            await self.finish(job, Status.ABORTED, error=self.swept_error_message)
+        # Always back to the queue: the next delivery fails the job with worker_lost
+        # if it was lost too often (SAQ aborting it here would leave it "running").
+        await self.retry(job, error=self.swept_error_message)
 
 
 class SaqQueue(Queue):
@@ -295,7 +326,7 @@ class SaqQueue(Queue):
         self.url = url
         self.prefix = prefix
         self.heartbeat_s = max(1, int(heartbeat_s))
-        self.retries = max_attempts + 3
+        self.retries = max(SAQ_RETRIES, max_attempts + 3)
         self.timeout_margin_s = timeout_margin_s
         # Each idle worker slot blocks one connection in BLMOVE (up to a second).
         client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS)

@@ -29,7 +29,7 @@ from saq import Worker
 from saq.job import Job as SaqJob
 
 from adapters.constants import COMPLETED, FAILED
-from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
+from adapters.saq_queue import RUN_JOB_FUNCTION, JobqRedisQueue, SaqQueue
 from handlers.bootstrap import Container, bootstrap, build_saq_queue
 from handlers.settings import Settings
 
@@ -82,6 +82,9 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
     elif status == COMPLETED or job is None or not job.active:
         log.info("job_finished", job_id=job_id, status=status)
     else:
+        # Another delivery runs the job now: SAQ's record of it is that delivery's.
+        if isinstance(delivery.queue, JobqRedisQueue):
+            delivery.queue.release(delivery)
         log.info("job_released", job_id=job_id, status=status)
 
 

@@ -668,10 +668,11 @@ class JobRun:
 
     async def _flush_interrupted(self) -> None:
         """On shutdown, store what is buffered (start marks, traces of finished calls)
-        if that is quick; the next delivery resumes either way."""
+        and count the hand-back, if that is quick; the next delivery resumes either
+        way. A hand-back that was not stored counts as a lost worker."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(INTERRUPTED_FLUSH_S):
-                await self._flush()
+                await self._flush(changes={"handoffs": self.job.handoffs + 1})
 
     def _trace(self, record: JSON) -> None:
         """Trace sink of this job's LLM calls: a successful call's record goes out with
@@ -986,9 +987,10 @@ async def _deliver(job_id: str, deps: Deps, run_cls: type[JobRun]) -> Job | None
             ACTIVE_STATUSES,
         )
     attempts = job.attempts + 1
-    if attempts > deps.config.job_max_attempts:
+    lost = job.attempts - job.handoffs
+    if lost >= deps.config.job_max_attempts:
         running = [n for n, s in job.steps.items() if s == STEP_RUNNING]
-        message = f"the worker was lost {job.attempts} times; giving up"
+        message = f"the worker was lost {lost} times; giving up"
         return await _end(
             deps, job, FAILED, _error("worker_lost", message, running[0] if running else None),
             ACTIVE_STATUSES, attempts=attempts,

@@ -238,8 +238,11 @@ def test_sigterm_lets_a_running_job_finish_and_takes_no_new_one(deploy: Deployme
 
 def test_sigterm_hands_back_a_job_that_outlives_the_grace(deploy: Deployment) -> None:
     """A job still running when the grace period ends goes back to the queue, stays
-    'running', and the next worker resumes it without repeating finished steps."""
-    service = deploy.start(workers=1, LLM_OFFLINE_LATENCY_MS="400", WORKER_GRACE_S="1")
+    'running', and the next worker resumes it without repeating finished steps. A
+    hand-back is not a lost worker: with JOB_MAX_ATTEMPTS=1 the job still completes."""
+    service = deploy.start(
+        workers=1, LLM_OFFLINE_LATENCY_MS="400", WORKER_GRACE_S="1", JOB_MAX_ATTEMPTS="1"
+    )
     with service.client() as client:
         job_id = submit(client, parallel_limit=1)
         view = wait_steps(client, job_id, 3)

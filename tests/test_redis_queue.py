@@ -13,8 +13,10 @@ from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.utils import now
 
-from adapters.ports import StoreUnavailable
+from adapters.constants import RUNNING
+from adapters.ports import Job, StoreUnavailable
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
+from handlers.saq_worker import run_job
 from tests.support.redis_server import free_port, redis_url, unique_prefix
 
 
@@ -105,18 +107,27 @@ async def test_sweep_leaves_a_job_that_is_just_being_started(queue: SaqQueue) ->
     assert await queue.saq.count("queued") == 0 and await queue.saq.count("active") == 1
 
 
-async def delivered_then_swept(queue: SaqQueue) -> tuple[str, SaqJob, list[str]]:
-    """A job taken by a delivery that beats once and then falls silent for a heartbeat
-    period, and what the next sweep re-queued: (job id, that delivery, swept ids)."""
-    queue.saq.sweep_abort_wait_s = 0.2
-    job_id = uuid.uuid4().hex
-    await queue.enqueue(job_id, timeout_s=30)
-    job = await queue.saq.dequeue(timeout=1)
-    assert job is not None
-    job.started, job.attempts = now(), 1
-    await job.update(status=Status.ACTIVE, heartbeat=1)
+async def silent_deliveries(queue: SaqQueue, count: int) -> list[SaqJob]:
+    """``count`` jobs, each taken by a delivery that beats once and then falls silent
+    for a heartbeat period (its worker died)."""
+    jobs = []
+    for _ in range(count):
+        await queue.enqueue(uuid.uuid4().hex, timeout_s=30)
+        job = await queue.saq.dequeue(timeout=1)
+        assert job is not None
+        job.started, job.attempts = now(), 1
+        await job.update(status=Status.ACTIVE, heartbeat=1)
+        jobs.append(job)
     await asyncio.sleep(1.2)  # one heartbeat period without a beat
-    return job_id, job, await queue.saq.sweep(lock=1)
+    return jobs
+
+
+async def delivered_then_swept(queue: SaqQueue) -> tuple[str, SaqJob, list[str]]:
+    """A silent delivery and what the next sweep re-queued: (job id, that delivery,
+    swept ids)."""
+    queue.saq.sweep_abort_wait_s = 0.2
+    (job,) = await silent_deliveries(queue, 1)
+    return job.key, job, await queue.saq.sweep(lock=1)
 
 
 async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> None:
@@ -126,6 +137,56 @@ async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> 
     again = await queue.saq.job(job_id)
     assert again is not None and again.status == Status.QUEUED and again.attempts == 1
     assert await queue.saq.count("queued") == 1
+
+
+async def test_a_dead_worker_s_jobs_are_requeued_together(queue: SaqQueue) -> None:
+    """One sweep re-queues every job of a dead worker within about one abort wait, not one
+    abort wait per job (50 jobs took minutes to come back)."""
+    queue.saq.sweep_abort_wait_s = 1.0
+    jobs = await silent_deliveries(queue, 4)
+    async with asyncio.timeout(3.0):  # one after another: 4 s and more
+        swept = await queue.saq.sweep(lock=1)
+    assert sorted(swept) == sorted(job.id for job in jobs)
+    assert await queue.saq.count("queued") == 4 and await queue.saq.count("active") == 0
+
+
+async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: SaqQueue) -> None:
+    """A delivery that finds the job run by another delivery (the job store refused it)
+    returns without marking the job complete in SAQ: it stays active for the other, so
+    the sweep still recovers it if that one dies."""
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+
+    class HeldElsewhere:
+        async def run(self, job_id: str) -> Job:
+            return Job(id=job_id, tenant="t", request={}, status=RUNNING, attempts=1)
+
+    processed = asyncio.Event()
+
+    async def startup(ctx: Any) -> None:
+        ctx["container"] = HeldElsewhere()
+
+    async def after_process(ctx: Any) -> None:  # after SAQ's finish of the delivery
+        processed.set()
+
+    worker: Worker[Any] = Worker(
+        queue.saq,
+        functions=[(RUN_JOB_FUNCTION, run_job)],
+        concurrency=1,
+        dequeue_timeout=0.2,
+        startup=startup,
+        after_process=after_process,
+    )
+    task = asyncio.create_task(worker.start())
+    try:
+        async with asyncio.timeout(20):
+            await processed.wait()
+    finally:
+        await worker.stop()
+        task.cancel()
+    stored = await queue.saq.job(job_id)
+    assert stored is not None and stored.status == Status.ACTIVE
+    assert await queue.saq.count("active") == 1
 
 
 async def test_a_superseded_delivery_leaves_the_new_one_alone(queue: SaqQueue) -> None:
