@@ -44,8 +44,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.commands.core import AsyncScript
 from redis.driver_info import DriverInfo
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.constants import (
@@ -263,6 +263,27 @@ async def ping_within_budget(client: aioredis.Redis, what: str) -> None:
         with contextlib.suppress(Exception):
             await client.connection_pool.disconnect()
         raise StoreUnavailable(f"{what} did not answer: {exc or 'timeout'}") from exc
+
+
+class RedisRefused(Exception):
+    """Redis answered and refused the connection (password, user, database index):
+    unlike a Redis that is down, waiting will not mend it."""
+
+
+async def check_credentials(url: str) -> None:
+    """Raise :class:`RedisRefused` when Redis at ``url`` refuses us; a Redis that does not
+    answer passes (it may come up later: health reports it, and the clients reconnect)."""
+    client = ping_client(url)
+    try:
+        async with asyncio.timeout(PING_BUDGET_S * 2):
+            await client.ping()
+    except (AuthenticationError, ResponseError) as exc:
+        raise RedisRefused(str(exc)) from None
+    except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
 
 
 def ping_client(url: str) -> aioredis.Redis:

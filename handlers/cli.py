@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -41,6 +42,27 @@ def load_settings() -> Settings:
         _fail(f"jobq: configuration error: {exc}", 2)
 
 
+REDIS_URL_VARIABLES = ("REDIS_URL", "REDISCLOUD_URL", "JOBS_QUEUE_URL", "JOBS_STORE_URL")
+
+
+def check_redis(settings: Settings) -> None:
+    """Exit 2 with one line when Redis refuses the configured URL (wrong password or user,
+    no such database): a server process would otherwise retry it forever. A Redis that
+    does not answer yet is no error: the processes connect once it does."""
+    if settings.backend != "redis":
+        return
+    import asyncio
+
+    from adapters.redis_store import RedisRefused, check_credentials
+
+    for url in dict.fromkeys((settings.queue_url, settings.store_url)):
+        try:
+            asyncio.run(check_credentials(url))
+        except RedisRefused as exc:
+            variable = next((v for v in REDIS_URL_VARIABLES if os.environ.get(v) == url), "REDIS_URL")
+            _fail(f"jobq: configuration error: {variable}: Redis refused the connection: {exc}", 2)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default HOST).")] = None,
@@ -51,6 +73,7 @@ def serve(
     from handlers.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
+    check_redis(settings)
     import uvicorn
 
     from handlers.app import create_app
@@ -84,6 +107,7 @@ def worker() -> None:
             2,
         )
     if settings.backend == "redis":
+        check_redis(settings)
         from handlers.saq_worker import run_worker
 
         run_worker(settings)

@@ -1,4 +1,4 @@
-"""The `jobq` client commands against a real local deployment."""
+"""The `jobq` client commands against a real local deployment, and start-up errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.service import ROOT, Service, base_env
+from tests.support.redis_server import redis_url
+from tests.support.service import ROOT, Service, base_env, free_port
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +127,25 @@ def test_submit_needs_exactly_one_pitch_source() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "--pitch" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("path", ["nosuchuser:wrong-password@", "/99"], ids=["password", "database"])
+def test_a_redis_url_that_redis_refuses_stops_the_process_with_one_line(command: str, path: str) -> None:
+    """A wrong password or a database Redis does not have ends `jobq serve` and `jobq worker`
+    at start (exit 2, one line naming the variable) instead of retrying it forever."""
+    base = redis_url()
+    url = base.replace("redis://", "redis://" + path) if path.endswith("@") else base.rstrip("/") + path
+    result = subprocess.run(
+        [sys.executable, "-m", "handlers.cli", command, "--port", str(free_port())]
+        if command == "serve"
+        else [sys.executable, "-m", "handlers.cli", command],
+        cwd=ROOT,
+        env={**base_env(), "REDIS_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "REDIS_URL" in lines[0] and "refused" in lines[0], lines
