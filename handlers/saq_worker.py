@@ -42,6 +42,8 @@ when it ends, so above the growth of the in-flight jobs' data this count is rare
 reached: at 20,000 a batch of 200 jobs still paid four collections of ~19 ms each.
 Garbage held only by reference cycles may wait for up to this many objects; in the
 200-job batch the peak memory per in-flight job rose from 116-120 to 128-138 KiB."""
+SLOT_RESTART_S = 1.0
+"""A worker slot whose SAQ bookkeeping failed (Redis away) starts over after this long."""
 DEQUEUE_TIMEOUT_S = 1.0
 """A blocked dequeue returns this often, so shutdown does not wait on an idle slot."""
 
@@ -100,6 +102,19 @@ class JobqWorker(Worker[Any]):
     """
 
     _draining = False
+
+    async def process(self) -> bool:
+        """SAQ's ``process``, with an error that escapes it logged as one line. With
+        Redis away, SAQ's own ``retry`` after a crashed delivery fails too; the error
+        then ended the slot's task unread ("Task exception was never retrieved" and a
+        long traceback per slot), and the slot started over at once. The job stays in
+        the active list, where the sweep finds it once Redis is back."""
+        try:
+            return await super().process()
+        except Exception as exc:
+            log.warning("worker_slot_failed", worker=self.id, error=str(exc))
+            await asyncio.sleep(SLOT_RESTART_S)
+            return False
 
     async def stop(self) -> None:
         if not self._stopped and not self._draining:

@@ -304,3 +304,25 @@ def test_redis_restart_during_a_run(
             assert stats["jobs"]["completed"] >= 1
     finally:
         deployment.stop()
+
+
+def test_an_outage_longer_than_the_write_retries_loses_no_job(
+    own_redis: RedisServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With Redis away for longer than a store write retries, the deliveries it cut off
+    are run again once it is back and every job completes; the worker logs each failure
+    as a line of its own, not as an unread task error."""
+    deployment = Deployment(tmp_path, request, own_redis.url)
+    try:
+        service = deployment.start(workers=1, LLM_OFFLINE_LATENCY_MS="300", WORKER_CONCURRENCY="4")
+        with service.client(timeout=10.0) as client:
+            ids = [submit(client, parallel_limit=1) for _ in range(3)]
+            for job_id in ids:
+                wait_steps(client, job_id, 2)
+            own_redis.restart(down_s=8)
+            finals = [wait_for(client, job_id, timeout_s=TAKE_UP_S + 30) for job_id in ids]
+        assert [f["status"] for f in finals] == ["completed"] * 3, finals
+        log_text = (service.log_dir / "worker0.log").read_text()
+        assert "never retrieved" not in log_text
+    finally:
+        deployment.stop()
