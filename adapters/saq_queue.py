@@ -7,9 +7,10 @@ wait) a SIGKILLed worker's job is running again within about 35 s.
 
 SAQ's ``retries`` counts deliveries, hand-backs on shutdown included. The
 pipeline is the authority on giving up (it fails a job with ``worker_lost`` once
-``JOB_MAX_ATTEMPTS`` deliveries were lost, hand-backs not counted), so SAQ never
-gives up by itself: its retries are practically unbounded, and a sweep always
-re-queues. An extra delivery of a finished job returns at once.
+``JOB_MAX_ATTEMPTS`` deliveries were lost, hand-backs not counted), so a sweep
+always re-queues, and SAQ's limit, well above that, only ends a job whose
+deliveries keep raising (the worker then fails it in the job store too). An
+extra delivery of a finished job returns at once.
 
 Knobs read from the environment (the same in web and worker processes, since
 the web process enqueues with them): ``SAQ_HEARTBEAT_S`` (20),
@@ -59,16 +60,26 @@ def queue_name(prefix: str) -> str:
 
 
 _SWEEP_LIST = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+redis.call('SETEX', KEYS[1], ARGV[1], 1)
 local id_jobs = {}
-if redis.call('EXISTS', KEYS[1]) == 0 then
-    redis.call('SETEX', KEYS[1], ARGV[1], 1)
-    for i, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-        id_jobs[i] = {v, redis.call('GET', v)}
-    end
+for i, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    id_jobs[i] = {v, redis.call('GET', v)}
 end
 return id_jobs
 """
-"""SAQ's own sweep listing: every job in the active list, once per lock period."""
+"""SAQ's own sweep listing: every job in the active list, once per lock period; nil
+while another sweep holds the lock."""
+
+_MARK_ABORTING = """
+-- KEYS: queued, job, abort flag; ARGV: job, abort flag ttl, error
+redis.call('LREM', KEYS[1], 0, KEYS[2])
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SETEX', KEYS[3], ARGV[2], ARGV[3])
+redis.call('PUBLISH', KEYS[2], 'aborting')
+"""
+"""SAQ's ``abort`` for a swept job, which stays in the active list until the retry
+moves it (SAQ's took it out of every list at once)."""
 
 
 _OWNED = """
@@ -118,10 +129,16 @@ return 1
 """SAQ's ``_finish`` transaction (MULTI/EXEC) as one script, so it can share a batch,
 refused for a superseded delivery."""
 
-SAQ_RETRIES = 1000
-"""SAQ's own limit on deliveries: out of reach, since hand-backs count there too."""
+HANDOFF_ALLOWANCE = 20
+"""Deliveries SAQ allows beyond ``JOB_MAX_ATTEMPTS + 3``: hand-backs on shutdown count
+there too (its limit applies to a delivery that raised; the worker then fails the job)."""
+ABORT_FLAG_TTL_S = 5
+"""How long a swept job's abort flag waits for a live worker to see it (SAQ's value)."""
 SWEEP_LOCK_MARGIN_S = 5.0
 """A sweep's lock outlasts its longest run (settle, then one abort wait) by this much."""
+
+_RELEASED = "_jobq_released"
+"""Attribute set on a delivery (an in-memory ``SaqJob``) that another delivery superseded."""
 
 _UNHEARD = frozenset({Status.ACTIVE, Status.COMPLETE})
 """SAQ statuses whose pub/sub notification nobody here listens for."""
@@ -165,13 +182,12 @@ class JobqRedisQueue(RedisQueue):
         self.settle_s = settle_s
         self.should_stop: Callable[[], bool] = lambda: False
         self._sweep_list = redis.register_script(_SWEEP_LIST)
+        self._mark_aborting = redis.register_script(_MARK_ABORTING)
         self._finish_script = redis.register_script(_FINISH)
         self._retry_script = redis.register_script(_RETRY)
         self._update_script = redis.register_script(_UPDATE)
         self._version_lock = asyncio.Lock()
         self._auto = AutoPipeline(redis)
-        self._released: set[int] = set()
-        """``id()`` of deliveries that found their job held by another delivery."""
 
     def release(self, delivery: SaqJob) -> None:
         """``delivery`` found the job run by another delivery (the job store refused its
@@ -179,7 +195,7 @@ class JobqRedisQueue(RedisQueue):
         the same attempts (a job re-queued twice), so the attempts guard alone let the
         loser mark the job complete and drop it from the active list, where the sweep
         would no longer find it if the winner then died."""
-        self._released.add(id(delivery))
+        setattr(delivery, _RELEASED, True)
 
     async def _get_job_by_id(self, job_id: bytes | str) -> SaqJob | None:
         return self.deserialize(await self._auto.submit("GET", job_id))
@@ -200,8 +216,7 @@ class JobqRedisQueue(RedisQueue):
         result: Any = None,
         error: str | None = None,
     ) -> None:
-        if id(job) in self._released:
-            self._released.discard(id(job))
+        if getattr(job, _RELEASED, False):
             log.info("saq_finish_left_to_other_delivery", job_id=job.key, attempts=job.attempts)
             return
         keys = [self._active, self._incomplete, job.id]
@@ -261,6 +276,22 @@ class JobqRedisQueue(RedisQueue):
         # still covers a sweep's longest run, for a slow Redis.
         held = max(lock, math.ceil(self.settle_s + self.sweep_abort_wait_s + SWEEP_LOCK_MARGIN_S))
         listed = await self._sweep_list(keys=[self._sweep, self._active], args=[held])
+        if listed is None:
+            return []
+        started = time.monotonic()
+        try:
+            return await self._sweep_listed(listed)
+        finally:
+            # Back to the sweep period, counted from the start: a longer lock would
+            # also hold off this worker's own next sweep.
+            left_ms = int((lock - (time.monotonic() - started)) * 1000)
+            with contextlib.suppress(Exception):
+                if left_ms > 0:
+                    await self.redis.pexpire(self._sweep, left_ms)
+                else:
+                    await self.redis.delete(self._sweep)
+
+    async def _sweep_listed(self, listed: list[Any]) -> list[str]:
         stale: list[SaqJob] = []
         unsettled: list[str] = []
         missing: list[str] = []
@@ -294,13 +325,20 @@ class JobqRedisQueue(RedisQueue):
         outcomes = await asyncio.gather(*(self._sweep_one(job) for job in stale), return_exceptions=True)
         for job, outcome in zip(stale, outcomes, strict=True):
             if isinstance(outcome, Exception):  # still in the active list: the next sweep
-                log.warning("saq_sweep_failed", job_id=job.key, error=str(outcome))
+                log.warning("saq_sweep_failed", job_id=job.key, error=repr(outcome))
         return [job.id for job in stale] + missing
 
     async def _sweep_one(self, job: SaqJob) -> None:
         """SAQ's handling of a stuck job: abort it, give its worker a moment, retry."""
         log.info("saq_sweeping_job", job_id=job.key, status=job.status.value, attempts=job.attempts)
-        await self.abort(job, error=self.swept_error_message)
+        # Unlike SAQ's ``abort``, the job stays in the active list until the retry: a
+        # sweep cut off in between (a deploy's SIGTERM, Redis gone) leaves it where the
+        # next sweep finds it, not in no list at all.
+        job.status, job.error = Status.ABORTING, self.swept_error_message
+        await self._mark_aborting(
+            keys=[self._queued, job.id, job.abort_id],
+            args=[self.serialize(job), ABORT_FLAG_TTL_S, self.swept_error_message],
+        )
         with contextlib.suppress(TimeoutError):
             await job.refresh(self.sweep_abort_wait_s)
         # Always back to the queue: the next delivery fails the job with worker_lost
@@ -326,7 +364,7 @@ class SaqQueue(Queue):
         self.url = url
         self.prefix = prefix
         self.heartbeat_s = max(1, int(heartbeat_s))
-        self.retries = max(SAQ_RETRIES, max_attempts + 3)
+        self.retries = max_attempts + 3 + HANDOFF_ALLOWANCE
         self.timeout_margin_s = timeout_margin_s
         # Each idle worker slot blocks one connection in BLMOVE (up to a second).
         client = redis_client(url, max_connections=MAX_QUEUE_CONNECTIONS)

@@ -59,7 +59,9 @@ def check_redis(settings: Settings) -> None:
         try:
             asyncio.run(check_credentials(url))
         except RedisRefused as exc:
-            variable = next((v for v in REDIS_URL_VARIABLES if os.environ.get(v) == url), "REDIS_URL")
+            variable = next(
+                (v for v in REDIS_URL_VARIABLES if os.environ.get(v, "").strip() == url), "REDIS_URL"
+            )
             _fail(f"jobq: configuration error: {variable}: Redis refused the connection: {exc}", 2)
 
 

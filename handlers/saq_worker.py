@@ -18,6 +18,7 @@ the heartbeat is set per job at enqueue time (``SAQ_HEARTBEAT_S``, see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -32,6 +33,7 @@ from adapters.constants import COMPLETED, FAILED
 from adapters.saq_queue import RUN_JOB_FUNCTION, JobqRedisQueue, SaqQueue
 from handlers.bootstrap import Container, bootstrap, build_saq_queue
 from handlers.settings import Settings
+from pipeline.runner import fail_active_job
 
 log = structlog.get_logger("jobq.worker")
 
@@ -72,8 +74,12 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
     except asyncio.CancelledError:
         log.warning("job_handed_back", job_id=job_id, delivery=delivery.attempts)
         raise
-    except Exception:
+    except Exception as exc:
         log.exception("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts)
+        if not delivery.retryable:  # SAQ gives up on this one: so does the job
+            message = f"its deliveries crashed {delivery.attempts} times; the last: {exc!r}"
+            with contextlib.suppress(Exception):
+                await fail_active_job(container.deps, job_id, "worker_lost", message)
         raise
     finally:
         beat.cancel()
@@ -112,7 +118,7 @@ class JobqWorker(Worker[Any]):
         try:
             return await super().process()
         except Exception as exc:
-            log.warning("worker_slot_failed", worker=self.id, error=str(exc))
+            log.warning("worker_slot_failed", worker=self.id, error=repr(exc))
             await asyncio.sleep(SLOT_RESTART_S)
             return False
 
@@ -148,6 +154,7 @@ def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:
         worker: Worker[Any] = ctx["worker"]
         queue.saq.should_stop = worker.event.is_set
         container = bootstrap(settings, queue=queue)
+        container.deps.stopping = worker.event.is_set
         await container.open()
         ctx["container"] = container
         # Everything loaded so far lives as long as the process: keep it out of the

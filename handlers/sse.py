@@ -28,7 +28,7 @@ def last_event_id(header: str | None, query: str | None) -> int:
     includes other scripts' digits and ids no log issues, means 0: replay from the start."""
     for raw in (header, query):
         text = (raw or "").strip()
-        if text.isascii() and text.isdecimal() and int(text) <= MAX_EVENT_ID:
+        if text.isascii() and text.isdecimal() and len(text) <= 16 and int(text) <= MAX_EVENT_ID:
             return int(text)
     return 0
 

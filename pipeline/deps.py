@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.ports import JobStore, LLMProvider, RateLimiter
@@ -37,3 +38,6 @@ class Deps:
     limiter: RateLimiter | None = None
     latency: LatencyModel = field(default_factory=LatencyModel)
     """Step durations seen by this process; they weight the scheduler's critical path."""
+    stopping: Callable[[], bool] = field(default=lambda: False)
+    """True once this process shuts down: a delivery interrupted then is handed back,
+    not lost (an abort by the sweep or a queue timeout is a loss)."""

@@ -667,12 +667,14 @@ class JobRun:
                 return
 
     async def _flush_interrupted(self) -> None:
-        """On shutdown, store what is buffered (start marks, traces of finished calls)
-        and count the hand-back, if that is quick; the next delivery resumes either
-        way. A hand-back that was not stored counts as a lost worker."""
+        """Store what is buffered (start marks, traces of finished calls) and, on the
+        process's shutdown, count the hand-back, if that is quick; the next delivery
+        resumes either way. An interruption that is not a shutdown (an abort by the
+        sweep, a queue timeout), or a hand-back not stored, counts as a lost worker."""
+        changes = {"handoffs": self.job.handoffs + 1} if self.deps.stopping() else None
         with contextlib.suppress(Exception):
             async with asyncio.timeout(INTERRUPTED_FLUSH_S):
-                await self._flush(changes={"handoffs": self.job.handoffs + 1})
+                await self._flush(changes=changes)
 
     def _trace(self, record: JSON) -> None:
         """Trace sink of this job's LLM calls: a successful call's record goes out with

@@ -289,6 +289,27 @@ async def test_worker_lost_after_max_attempts(store: SqliteStore) -> None:
     assert (await store.read_events(job_id))[-1].data == {"status": FAILED}
 
 
+@pytest.mark.parametrize(("stopping", "ends"), [(True, COMPLETED), (False, FAILED)])
+async def test_only_an_interruption_on_shutdown_is_a_hand_back(
+    store: SqliteStore, stopping: bool, ends: str
+) -> None:
+    """A delivery interrupted while its process shuts down is handed back, which
+    worker_lost does not count (with one attempt allowed the job still completes); any
+    other interruption (the sweep's abort of a stalled worker) is a lost delivery."""
+    config = PipelineConfig(cancel_poll_s=0.02, job_max_attempts=1)
+    deps = Deps(store, OfflineProvider(latency_ms=40), config, stopping=lambda: stopping)
+    job_id = await new_job(store)
+    task = asyncio.create_task(run_job(job_id, deps))
+    await wait_for_artifacts(store, job_id, 3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    interrupted = await store.get(job_id)
+    assert interrupted is not None and interrupted.handoffs == int(stopping)
+    job = await run_job(job_id, deps)
+    assert job is not None and job.status == ends
+
+
 async def test_finished_and_unknown_jobs_are_left_alone(store: SqliteStore) -> None:
     """A second delivery of a completed job changes nothing; an unknown id returns None."""
     llm = OfflineProvider()

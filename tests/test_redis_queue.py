@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,10 +14,13 @@ from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.utils import now
 
-from adapters.constants import RUNNING
+from adapters.constants import FAILED, RUNNING
 from adapters.ports import Job, StoreUnavailable
+from adapters.redis_store import RedisStore
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
 from handlers.saq_worker import run_job
+from pipeline.deps import Deps
+from pipeline.offline import OfflineProvider
 from tests.support.redis_server import free_port, redis_url, unique_prefix
 
 
@@ -189,6 +193,32 @@ async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: Saq
     assert await queue.saq.count("active") == 1
 
 
+async def test_a_sweep_cut_off_mid_way_leaves_its_jobs_for_the_next(queue: SaqQueue) -> None:
+    """A sweep cancelled while it waits on its aborts (a deploy's SIGTERM) leaves the jobs
+    in the active list, and the next sweep re-queues them: none is left in no list."""
+    queue.saq.sweep_abort_wait_s = 5.0
+    jobs = await silent_deliveries(queue, 3)
+    first = asyncio.create_task(queue.saq.sweep(lock=1))
+    await asyncio.sleep(0.5)
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    assert await queue.saq.count("active") == 3
+    queue.saq.sweep_abort_wait_s = 0.2
+    await asyncio.sleep(1.1)  # the cut-off sweep's lock runs out
+    assert sorted(await queue.saq.sweep(lock=1)) == sorted(job.id for job in jobs)
+    assert await queue.saq.count("queued") == 3 and await queue.saq.count("active") == 0
+
+
+async def test_a_lone_worker_sweeps_again_one_sweep_period_later(queue: SaqQueue) -> None:
+    """Once a sweep ends its lock is back to the sweep period: the same worker's next
+    sweep runs and re-queues a job whose worker fell silent in between."""
+    queue.saq.sweep_abort_wait_s = 0.2
+    assert await queue.saq.sweep(lock=1) == []
+    (job,) = await silent_deliveries(queue, 1)  # 1.2 s: past the 1 s sweep period
+    assert await queue.saq.sweep(lock=1) == [job.id]
+
+
 async def test_a_superseded_delivery_leaves_the_new_one_alone(queue: SaqQueue) -> None:
     """After a sweep handed the job to a new delivery, the old one's beat, finish and retry
     change neither the new delivery's record nor its place in the active list."""
@@ -231,6 +261,47 @@ async def test_a_delivery_s_own_finish_is_published(queue: SaqQueue) -> None:
     stored = await queue.saq.job(job_id)
     assert stored is not None and stored.status == Status.FAILED
     assert await queue.saq.count("active") == 0
+
+
+async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queue: SaqQueue) -> None:
+    """When SAQ gives up on a job whose deliveries keep raising, the worker fails the job
+    in the job store too (worker_lost), so it does not stay queued or running for good."""
+    store = RedisStore(redis_url(), prefix=queue.prefix)
+    job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
+    await queue.saq.enqueue(RUN_JOB_FUNCTION, key=job.id, job_id=job.id, retries=1, timeout=30)
+    processed = asyncio.Event()
+
+    class Crashing:
+        deps = Deps(store, OfflineProvider())
+
+        async def run(self, job_id: str) -> Job:
+            raise RuntimeError("a bug in the delivery")
+
+    async def startup(ctx: Any) -> None:
+        ctx["container"] = Crashing()
+
+    async def after_process(ctx: Any) -> None:
+        processed.set()
+
+    worker: Worker[Any] = Worker(
+        queue.saq,
+        functions=[(RUN_JOB_FUNCTION, run_job)],
+        concurrency=1,
+        dequeue_timeout=0.2,
+        startup=startup,
+        after_process=after_process,
+    )
+    task = asyncio.create_task(worker.start())
+    try:
+        async with asyncio.timeout(20):
+            await processed.wait()
+    finally:
+        await worker.stop()
+        task.cancel()
+        ended = await store.get(job.id)
+        await store.close()
+    assert ended is not None and ended.status == FAILED, ended
+    assert ended.error is not None and ended.error["code"] == "worker_lost"
 
 
 async def test_unreachable_redis_is_store_unavailable() -> None:

@@ -111,7 +111,10 @@ def test_finished_job_replays_final_status_result_and_done(service: Service) -> 
     assert stream.of("status")[-1]["status"] == "completed"
 
 
-@pytest.mark.parametrize("junk", ["\u00b2", "99999999999999999999999", "-3", "1e3"])
+@pytest.mark.parametrize(
+    "junk",
+    ["\u00b2", "99999999999999999999999", pytest.param("1" * 5000, id="5000-digits"), "-3", "1e3"],
+)
 def test_a_junk_last_event_id_replays_from_the_start(service: Service, junk: str) -> None:
     """An id the log never issued (other scripts' digits, out of range, signed, float)
     counts as none: the whole log, through done, instead of an error or a broken stream."""
