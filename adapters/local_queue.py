@@ -35,6 +35,7 @@ class LocalQueue(Queue):
         """Job ids in ``_pending``: a job enqueued before ``open`` is not delivered twice."""
         self._workers: list[asyncio.Task[None]] = []
         self._busy = 0
+        self._closing = False
 
     async def open(self) -> None:
         if self._workers:
@@ -52,12 +53,16 @@ class LocalQueue(Queue):
     async def close(self) -> None:
         """Stop the workers. Running jobs stay ``running`` in the store and resume on
         the next start."""
+        self._closing = True
         for task in self._workers:
             task.cancel()
         for task in self._workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers = []
+
+    def stopping(self) -> bool:
+        return self._closing
 
     async def ping(self) -> None:
         return None

@@ -525,6 +525,11 @@ class Queue(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Disconnect."""
 
+    def stopping(self) -> bool:
+        """True once this process's workers shut down: a delivery interrupted then is
+        handed back, not lost."""
+        return False
+
     @abstractmethod
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if the queue does not answer."""

@@ -376,6 +376,9 @@ class SaqQueue(Queue):
         self._ping_client = ping_client(url)
         self._opened = False
 
+    def stopping(self) -> bool:
+        return self.saq.should_stop()
+
     async def open(self) -> None:
         if not self._opened:
             await self.saq.connect()

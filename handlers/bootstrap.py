@@ -175,5 +175,6 @@ def bootstrap(
     deps = Deps(store=store, llm=llm, config=config or pipeline_config(settings), limiter=limiter)
 
     queue = queue or build_queue(settings, partial(run_job, deps=deps), store)
+    deps.stopping = queue.stopping
     service = JobService(deps, queue, backend=settings.backend)
     return Container(settings, store, queue, llm, limiter, deps, service)

@@ -154,7 +154,6 @@ def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:
         worker: Worker[Any] = ctx["worker"]
         queue.saq.should_stop = worker.event.is_set
         container = bootstrap(settings, queue=queue)
-        container.deps.stopping = worker.event.is_set
         await container.open()
         ctx["container"] = container
         # Everything loaded so far lives as long as the process: keep it out of the

@@ -39,5 +39,5 @@ class Deps:
     latency: LatencyModel = field(default_factory=LatencyModel)
     """Step durations seen by this process; they weight the scheduler's critical path."""
     stopping: Callable[[], bool] = field(default=lambda: False)
-    """True once this process shuts down: a delivery interrupted then is handed back,
-    not lost (an abort by the sweep or a queue timeout is a loss)."""
+    """True once this process shuts down (``Queue.stopping``): a delivery interrupted
+    then is handed back, not lost (an abort by the sweep or a queue timeout is a loss)."""

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from adapters.constants import RUNNING
 from adapters.local_queue import LocalQueue
 from adapters.ports import StoreUnavailable
 from adapters.saq_queue import SaqQueue
 from adapters.sqlite_store import SqliteStore
+from handlers.bootstrap import bootstrap
+from handlers.settings import Settings
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.graph import LLM_STEPS, STEPS
 from pipeline.offline import OfflineProvider
@@ -180,3 +185,21 @@ async def test_stats_count_jobs_by_status_and_name_the_backend(local: Local) -> 
     assert stats["jobs"]["queued"] == 1 and stats["jobs"]["completed"] == 0
     assert stats["backend"] == "local" and stats["provider"] == "offline"
     assert "workers" in stats["queue"]
+
+
+async def test_a_job_running_when_the_local_worker_stops_is_handed_back(tmp_path: Path) -> None:
+    """Stopping the local backend (``jobq serve`` shutting down) hands its running job back:
+    it stays running, to resume on the next start, and worker_lost does not count it."""
+    settings = Settings.from_env({"JOBS_STORE_URL": f"sqlite:///{tmp_path / 'jobs.db'}"})
+    container = bootstrap(settings, llm=OfflineProvider(latency_ms=100))
+    await container.open()
+    try:
+        job, _ = await container.service.submit(BODY, "t")
+        async with asyncio.timeout(30):
+            while len(await container.store.list_artifacts(job.id)) < 2:  # noqa: ASYNC110 - polls the store
+                await asyncio.sleep(0.02)
+        await container.queue.close()
+        stored = await container.store.get(job.id)
+    finally:
+        await container.close()
+    assert stored is not None and stored.status == RUNNING and stored.handoffs == 1
