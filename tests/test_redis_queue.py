@@ -154,23 +154,15 @@ async def test_a_dead_worker_s_jobs_are_requeued_together(queue: SaqQueue) -> No
     assert await queue.saq.count("queued") == 4 and await queue.saq.count("active") == 0
 
 
-async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: SaqQueue) -> None:
-    """A delivery that finds the job run by another delivery (the job store refused it)
-    returns without marking the job complete in SAQ: it stays active for the other, so
-    the sweep still recovers it if that one dies."""
-    job_id = uuid.uuid4().hex
-    await queue.enqueue(job_id, timeout_s=30)
-
-    class HeldElsewhere:
-        async def run(self, job_id: str) -> Job:
-            return Job(id=job_id, tenant="t", request={}, status=RUNNING, attempts=1)
-
+async def one_delivery(queue: SaqQueue, container: object) -> None:
+    """Run the worker's real ``run_job`` under a real SAQ worker whose container is
+    ``container``, until SAQ has processed one delivery (its finish or retry included)."""
     processed = asyncio.Event()
 
     async def startup(ctx: Any) -> None:
-        ctx["container"] = HeldElsewhere()
+        ctx["container"] = container
 
-    async def after_process(ctx: Any) -> None:  # after SAQ's finish of the delivery
+    async def after_process(ctx: Any) -> None:
         processed.set()
 
     worker: Worker[Any] = Worker(
@@ -188,6 +180,20 @@ async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: Saq
     finally:
         await worker.stop()
         task.cancel()
+
+
+async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: SaqQueue) -> None:
+    """A delivery that finds the job run by another delivery (the job store refused it)
+    returns without marking the job complete in SAQ: it stays active for the other, so
+    the sweep still recovers it if that one dies."""
+    job_id = uuid.uuid4().hex
+    await queue.enqueue(job_id, timeout_s=30)
+
+    class HeldElsewhere:
+        async def run(self, job_id: str) -> Job:
+            return Job(id=job_id, tenant="t", request={}, status=RUNNING, attempts=1)
+
+    await one_delivery(queue, HeldElsewhere())
     stored = await queue.saq.job(job_id)
     assert stored is not None and stored.status == Status.ACTIVE
     assert await queue.saq.count("active") == 1
@@ -269,7 +275,6 @@ async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queu
     store = RedisStore(redis_url(), prefix=queue.prefix)
     job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
     await queue.saq.enqueue(RUN_JOB_FUNCTION, key=job.id, job_id=job.id, retries=1, timeout=30)
-    processed = asyncio.Event()
 
     class Crashing:
         deps = Deps(store, OfflineProvider())
@@ -277,28 +282,10 @@ async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queu
         async def run(self, job_id: str) -> Job:
             raise RuntimeError("a bug in the delivery")
 
-    async def startup(ctx: Any) -> None:
-        ctx["container"] = Crashing()
-
-    async def after_process(ctx: Any) -> None:
-        processed.set()
-
-    worker: Worker[Any] = Worker(
-        queue.saq,
-        functions=[(RUN_JOB_FUNCTION, run_job)],
-        concurrency=1,
-        dequeue_timeout=0.2,
-        startup=startup,
-        after_process=after_process,
-    )
-    task = asyncio.create_task(worker.start())
     try:
-        async with asyncio.timeout(20):
-            await processed.wait()
-    finally:
-        await worker.stop()
-        task.cancel()
+        await one_delivery(queue, Crashing())
         ended = await store.get(job.id)
+    finally:
         await store.close()
     assert ended is not None and ended.status == FAILED, ended
     assert ended.error is not None and ended.error["code"] == "worker_lost"
