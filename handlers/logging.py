@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 import msgspec
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -82,6 +84,25 @@ class _PlainConsoleRenderer:
         return line
 
 
+class _SaqErrorsInOneLine(logging.Filter):
+    """SAQ's own error lines, trimmed. Its "Error processing job" repeats the worker's
+    ``job_delivery_crashed``, so it is dropped; an error because Redis cannot be reached
+    is one line without a traceback (an upkeep task printed one every two seconds per
+    worker for as long as Redis was away)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Error processing job"):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, _UNREACHABLE):
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
 def configure_logging(level: str = "info", json: bool = False) -> None:
     """Configure structlog and the root logger once per process (idempotent)."""
     numeric = _LEVELS.get(level.lower(), logging.INFO)
@@ -133,7 +154,9 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
         logging.getLogger(name).propagate = True
     # SAQ logs each job it processes and finishes; the worker's own job_picked_up and
     # job_finished lines say as much, with the job id.
-    logging.getLogger("saq").setLevel(max(numeric, logging.WARNING))
+    saq = logging.getLogger("saq")
+    saq.setLevel(max(numeric, logging.WARNING))
+    saq.filters[:] = [_SaqErrorsInOneLine()]
     # asyncio warns for every write to a socket a streaming client already closed.
     logging.getLogger("asyncio").setLevel(max(numeric, logging.ERROR))
     # botocore logs every request at debug; keep it quiet unless asked for warnings.

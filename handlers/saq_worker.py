@@ -30,6 +30,7 @@ from saq import Worker
 from saq.job import Job as SaqJob
 
 from adapters.constants import COMPLETED, FAILED
+from adapters.ports import StoreUnavailable
 from adapters.saq_queue import RUN_JOB_FUNCTION, JobqRedisQueue, SaqQueue
 from handlers.bootstrap import Container, bootstrap, build_saq_queue
 from handlers.settings import Settings
@@ -75,7 +76,10 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
         log.warning("job_handed_back", job_id=job_id, delivery=delivery.attempts)
         raise
     except Exception as exc:
-        log.exception("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts)
+        if isinstance(exc, StoreUnavailable):  # Redis away: the reason is the whole story
+            log.warning("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts, error=str(exc))
+        else:
+            log.exception("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts)
         if not delivery.retryable:  # SAQ gives up on this one: so does the job
             message = f"its deliveries crashed {delivery.attempts} times; the last: {exc!r}"
             with contextlib.suppress(Exception):
