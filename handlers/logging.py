@@ -84,6 +84,10 @@ class _PlainConsoleRenderer:
         return line
 
 
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+"""Errors that mean Redis cannot be reached (now): a line each, no traceback."""
+
+
 class _SaqErrorsInOneLine(logging.Filter):
     """SAQ's own error lines, trimmed. Its "Error processing job" repeats the worker's
     ``job_delivery_crashed``, so it is dropped; an error because Redis cannot be reached
@@ -98,9 +102,6 @@ class _SaqErrorsInOneLine(logging.Filter):
             record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
             record.exc_info, record.exc_text = None, None
         return True
-
-
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
 def configure_logging(level: str = "info", json: bool = False) -> None:

@@ -110,7 +110,7 @@ class _Caller:
         prompt_tokens = int(extra.pop("prompt_tokens", 0))
         completion_tokens = int(extra.pop("completion_tokens", 0))
         model = self.deps.config.model_for(self.call.step)
-        record: JSON = {
+        return {
             "step": self.call.step,
             "provider": self.deps.llm.name,
             "model": model,
@@ -125,7 +125,6 @@ class _Caller:
             "ts": now_ms(),
             **extra,
         }
-        return record
 
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """One provider call and validation of its answer."""
