@@ -102,11 +102,11 @@ def noop_worker(url: str, concurrency: int) -> None:
 class Child:
     """A subprocess with its output in a log file, stopped with SIGTERM."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log = logs / f"{name}.log"
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     @property
     def pid(self) -> int:
@@ -315,22 +315,25 @@ async def job_window(
         await store.close()
 
 
-def start_worker(url: str, prefix: str, logs: Path, name: str, **env: str) -> Child:
+def start_worker(url: str, prefix: str, logs: Path, name: str, tree: Path | None = None, **env: str) -> Child:
     """A ``jobq worker`` logging at its default level (info: two lines per step), as
-    operators run it; the servers of (a) log warnings only, as its floor does."""
+    operators run it; the servers of (a) log warnings only, as its floor does. With
+    ``tree``, the worker runs that source tree's code (its cwd and PYTHONPATH)."""
+    in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
     return Child(
         name,
         [sys.executable, "-m", "handlers.cli", "worker"],
-        child_env(url, prefix, **{"LOG_LEVEL": "info", **env}),
+        child_env(url, prefix, **{"LOG_LEVEL": "info", **in_tree, **env}),
         logs,
+        cwd=tree or ROOT,
     )
 
 
-async def jobq_worker_rate(url: str, logs: Path, jobs: int, run: int) -> float:
+async def jobq_worker_rate(url: str, logs: Path, jobs: int, run: int, tree: Path | None = None) -> float:
     """Completed jobs/s of one ``jobq worker`` given ``jobs`` queued jobs."""
     prefix = f"bench-b-{run}"
     ids = await submit_jobs(url, prefix, jobs)
-    worker = start_worker(url, prefix, logs, f"jobq-worker-b-{run}", LLM_OFFLINE_LATENCY_MS="0")
+    worker = start_worker(url, prefix, logs, f"jobq-worker-b-{run}", tree=tree, LLM_OFFLINE_LATENCY_MS="0")
     try:
         first, last, _ = await job_window(url, prefix, ids, 600)
     finally:
@@ -368,7 +371,13 @@ async def bench_worker(url: str, logs: Path, jobs: int, noop_jobs: int, runs: in
 
 
 async def bench_concurrency(
-    url: str, logs: Path, jobs: int, latency_ms: int, run: int, log_level: str = "info"
+    url: str,
+    logs: Path,
+    jobs: int,
+    latency_ms: int,
+    run: int,
+    log_level: str = "info",
+    tree: Path | None = None,
 ) -> dict[str, float]:
     """One run of (c): ``jobs`` queued at once (submitted while the worker is paused by
     SIGSTOP), then taken by the worker with ``jobs`` slots."""
@@ -381,6 +390,7 @@ async def bench_concurrency(
         prefix,
         logs,
         f"jobq-worker-c{jobs}-{log_level}-{run}",
+        tree=tree,
         LLM_OFFLINE_LATENCY_MS=str(latency_ms),
         WORKER_CONCURRENCY=str(jobs),
         LOG_LEVEL=log_level,
