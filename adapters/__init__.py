@@ -1,5 +1,5 @@
 """I/O boundaries: stores, queues, LLM providers, rate limiters. One module per backend.
 
-Adapters know no pipeline: they speak in jobs, artifacts, events and LLM calls
-as defined in :mod:`adapters.ports`.
+Each adapter implements a port of :mod:`pipeline.ports` and speaks the domain's
+records (:mod:`pipeline.model`); adapters know no handlers.
 """

@@ -19,7 +19,7 @@ from anthropic import AsyncAnthropic
 
 from adapters import llm_errors
 from adapters.llm_openai import schema_name
-from adapters.ports import LLMReply, LLMRequest
+from pipeline.model import LLMReply, LLMRequest
 
 log = structlog.get_logger(__name__)
 

@@ -29,14 +29,15 @@ from collections.abc import Mapping
 import anthropic
 import openai
 
-from adapters.ports import LLMError
+from pipeline.model import LLMError
+from pipeline.vocabulary import ErrorCode
 
-RATE_LIMITED = "llm_rate_limited"
-AUTH = "llm_auth"
-BAD_REQUEST = "llm_bad_request"
-UNAVAILABLE = "llm_unavailable"
-INVALID_OUTPUT = "llm_invalid_output"
-TIMEOUT = "timeout"
+RATE_LIMITED = ErrorCode.LLM_RATE_LIMITED
+AUTH = ErrorCode.LLM_AUTH
+BAD_REQUEST = ErrorCode.LLM_BAD_REQUEST
+UNAVAILABLE = ErrorCode.LLM_UNAVAILABLE
+INVALID_OUTPUT = ErrorCode.LLM_INVALID_OUTPUT
+TIMEOUT = ErrorCode.TIMEOUT
 
 MAX_RETRY_AFTER_S = 3600.0
 """A longer ``Retry-After`` is clamped: the job's deadline ends the wait anyway."""

@@ -34,7 +34,7 @@ import structlog
 from openai import AsyncOpenAI, omit
 
 from adapters import llm_errors
-from adapters.ports import LLMError, LLMReply, LLMRequest
+from pipeline.model import LLMError, LLMReply, LLMRequest
 
 log = structlog.get_logger(__name__)
 

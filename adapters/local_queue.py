@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from adapters.ports import JSON, JobStore, Queue
+from pipeline.delivery import Delivery, Outcome
+from pipeline.model import JSON
+from pipeline.ports import JobStore, Queue
 
 log = structlog.get_logger("jobq.worker")
 
@@ -23,7 +25,7 @@ class LocalQueue(Queue):
 
     def __init__(
         self,
-        run: Callable[[str], Awaitable[object]],
+        run: Callable[[str], Awaitable[Delivery]],
         store: JobStore,
         concurrency: int = 4,
     ) -> None:
@@ -89,11 +91,12 @@ class LocalQueue(Queue):
             self._waiting.discard(job_id)
             self._busy += 1
             try:
-                await self._run(job_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
+                delivery = await self._run(job_id)
+            except Exception:  # not a delivery's crash (deliver returns those): a bug
                 log.exception("job_crashed", job_id=job_id, worker=n)
+                continue
             finally:
                 self._busy -= 1
+            if delivery.outcome is Outcome.CRASHED:
+                log.error("job_crashed", job_id=job_id, worker=n, exc_info=delivery.error)
                 self._pending.task_done()

@@ -49,32 +49,30 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.constants import (
-    ACTIVE_STATUSES,
     ARTIFACT_KEY,
     CACHE_KEY,
     CANCEL_KEY,
     EVENTS_KEY,
     IDEMPOTENCY_KEY,
-    IDEMPOTENCY_TTL_S,
     INDEX_KEY,
     JOB_KEY,
     KEY_PREFIX,
-    STATUSES,
     TRACE_KEY,
 )
-from adapters.ports import (
+from adapters.redis_packing import with_hiredis_packing
+from pipeline.model import (
     JSON,
     Artifact,
     Commit,
     Event,
     Expect,
     Job,
-    JobStore,
     StoreUnavailable,
     list_cursor,
     parse_list_cursor,
 )
-from adapters.redis_packing import with_hiredis_packing
+from pipeline.ports import JobStore
+from pipeline.vocabulary import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S, STATUSES
 
 log = structlog.get_logger("jobq.store")
 

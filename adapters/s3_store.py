@@ -43,28 +43,18 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from adapters.constants import (
-    ACTIVE_STATUSES,
     ARTIFACT_KEY,
     CACHE_KEY,
     CANCEL_KEY,
     EVENTS_KEY,
     IDEMPOTENCY_KEY,
-    IDEMPOTENCY_TTL_S,
     INDEX_KEY,
     JOB_KEY,
-    STATUSES,
     TRACE_KEY,
 )
-from adapters.ports import (
-    JSON,
-    Artifact,
-    Conflict,
-    Event,
-    Expect,
-    Job,
-    JobStore,
-    StoreUnavailable,
-)
+from pipeline.model import JSON, Artifact, Conflict, Event, Expect, Job, StoreUnavailable
+from pipeline.ports import JobStore
+from pipeline.vocabulary import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S, STATUSES
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -35,7 +35,6 @@ from saq.job import Status
 from saq.queue.redis import RedisQueue
 
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
-from adapters.ports import JSON, Queue, StoreUnavailable
 from adapters.redis_store import (
     OP_TIMEOUT_S,
     AutoPipeline,
@@ -43,6 +42,8 @@ from adapters.redis_store import (
     ping_within_budget,
     redis_client,
 )
+from pipeline.model import JSON, StoreUnavailable
+from pipeline.ports import Queue
 
 log = structlog.get_logger("jobq.queue")
 

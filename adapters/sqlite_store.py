@@ -16,19 +16,19 @@ from typing import Any
 
 import aiosqlite
 
-from adapters.constants import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S
-from adapters.ports import (
+from pipeline.model import (
     JSON,
     Artifact,
     Commit,
     Event,
     Expect,
     Job,
-    JobStore,
     StoreUnavailable,
     list_cursor,
     parse_list_cursor,
 )
+from pipeline.ports import JobStore
+from pipeline.vocabulary import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

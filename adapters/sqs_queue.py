@@ -17,7 +17,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from adapters.ports import JSON, Queue, StoreUnavailable
+from pipeline.model import JSON, StoreUnavailable
+from pipeline.ports import Queue
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -126,7 +127,7 @@ class SqsQueue(Queue):
         await self._call(
             self._client.send_message,
             QueueUrl=await self.url(),
-            MessageBody=json.dumps({"job_id": job_id, "timeout_s": timeout_s}),
+            MessageBody=json.dumps({"job_id": job_id}),
         )
 
     async def _counts(self, url: str) -> dict[str, int]:

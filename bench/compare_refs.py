@@ -295,21 +295,6 @@ def describe(
     return text
 
 
-def ideal_importable() -> str | None:
-    """``bench_concurrency`` takes its ideal from ``pipeline.graph.lower_bound``; the
-    refactor moves that function to ``bench/makespan_bounds.py``. While throughput.py
-    still imports it from the old place, put it there (in this process only: the ideal
-    is computed by the bench, not by a worker). Does nothing once the import works."""
-    import pipeline.graph as graph
-
-    if hasattr(graph, "lower_bound"):
-        return None
-    from bench.makespan_bounds import lower_bound
-
-    graph.lower_bound = lower_bound  # type: ignore[attr-defined]
-    return "pipeline.graph has no lower_bound: bench/makespan_bounds.py's is used for (c)'s ideal"
-
-
 async def measure_all(trees: list[Tree], url: str, logs: Path, runs: int, b_jobs: int) -> list[float]:
     import structlog
 
@@ -342,9 +327,6 @@ def main(ref: str, runs: int, b_jobs: int, write_to: Path | None) -> None:
         print(f"redis on {server.url}; worker logs in {logs}", flush=True)
         for tree in (old, new):
             print(probe(tree, server.url), flush=True)
-        shim = ideal_importable()
-        if shim:
-            print(f"note: {shim}", flush=True)
         speeds += asyncio.run(measure_all([old, new], server.url, logs, runs, b_jobs))
     finally:
         server.close()

@@ -6,10 +6,10 @@ Every job runs the real ``run_job`` on an in-memory ``SqliteStore`` with the
 offline provider answering after a simulated latency; only the scheduling policy
 differs between the two measured columns:
 
-- **sliding window** (``pipeline.runner.JobRun``): a step starts the moment its
+- **sliding window** (``pipeline.scheduler.SlidingWindow``): a step starts the moment its
   inputs exist and an LLM slot is free, longest remaining chain first (chain
   weighted by the step durations learned from one warm-up job).
-- **old batch** (``BatchJobRun`` below): start up to ``parallel_limit`` ready steps
+- **old batch** (``BatchScheduler`` below): start up to ``parallel_limit`` ready steps
   in graph order (code steps take a slot too), wait for the whole batch, repeat.
   It reuses the runner's step code, so the only difference is the policy.
 
@@ -40,14 +40,16 @@ from pathlib import Path
 
 import structlog
 
-from adapters.ports import Artifact, Job
 from adapters.sqlite_store import SqliteStore
+from bench.makespan_bounds import batch_makespan, lower_bound, step_latencies
+from pipeline.delivery import run_job
 from pipeline.deps import Deps, PipelineConfig
-from pipeline.graph import FINAL_STEP, LLM_STEPS, batch_makespan, lower_bound, step_latencies
+from pipeline.graph import DEPENDS_ON, FINAL_STEP, LLM_STEPS, STEPS
 from pipeline.latency import LatencyModel
+from pipeline.model import Artifact, Job
 from pipeline.offline import OfflineProvider
 from pipeline.request import validate_request
-from pipeline.runner import JobRun, run_job
+from pipeline.scheduler import SLIDING_WINDOW, Scheduler, StepHost
 from pipeline.views import initial_progress, initial_steps
 
 LIMITS = (1, 2, 3, 4, 16)
@@ -73,30 +75,33 @@ BODY = {
 }
 
 
-class BatchJobRun(JobRun):
-    """The old scheduler, on the runner's own step code: batches of ready steps,
-    each batch awaited as a whole before the next starts."""
+class BatchScheduler:
+    """The old scheduler, on the runner's own step code: batches of up to
+    ``parallel_limit`` ready steps in graph order (code steps take a slot too), each
+    batch awaited as a whole before the next starts."""
 
-    async def schedule(self) -> Artifact:
-        seen = set(self.done)
-        while FINAL_STEP not in self.done:
-            batch = self.ready(seen)[: self.limit]
+    async def __call__(self, host: StepHost) -> Artifact:
+        seen = set(host.done)
+        while FINAL_STEP not in host.done:
+            done = host.done.keys()
+            ready = [s for s in STEPS if s.name not in seen and done >= DEPENDS_ON[s.name]]
+            batch = ready[: host.limit]
             if not batch:
                 raise RuntimeError("batch scheduler stalled")
             seen.update(step.name for step in batch)
-            tasks = [asyncio.create_task(self.run_step(step)) for step in batch]
+            tasks = [asyncio.create_task(host.run_step(step)) for step in batch]
             try:
                 await asyncio.gather(*tasks)
             finally:
                 for task in tasks:
                     task.cancel()
-        return self.done[FINAL_STEP]
+        return host.done[FINAL_STEP]
 
 
 async def measure(
     limit: int,
     latency_ms: Mapping[str, float],
-    run_cls: type[JobRun],
+    scheduler: Scheduler,
     learned: LatencyModel | None = None,
 ) -> tuple[float, int]:
     """Duration (s) of one fresh job and the peak of concurrent LLM calls. ``learned``
@@ -116,7 +121,7 @@ async def measure(
         await store.create(job)
         started = time.perf_counter()
         deps = Deps(store, llm, PipelineConfig(), latency=learned or LatencyModel())
-        done = await run_job(job.id, deps, run_cls=run_cls)
+        done = await run_job(job.id, deps, scheduler=scheduler)
         elapsed = time.perf_counter() - started
         if done is None or done.status != "completed":
             raise RuntimeError(f"bench job ended {done and done.status}: {done and done.error}")
@@ -131,10 +136,10 @@ async def profile_rows(
     latency = step_latencies({s: v / 1000 for s, v in latency_ms.items()}, 0.0)
     rows: list[dict[str, object]] = []
     learned = LatencyModel()
-    await measure(16, latency_ms, JobRun, learned)  # warm-up: the worker has seen one job
+    await measure(16, latency_ms, SLIDING_WINDOW, learned)  # warm-up: the worker has seen one job
     for limit in LIMITS:
-        sliding = [await measure(limit, latency_ms, JobRun, learned) for _ in range(repeat)]
-        batch = [await measure(limit, latency_ms, BatchJobRun) for _ in range(repeat)]
+        sliding = [await measure(limit, latency_ms, SLIDING_WINDOW, learned) for _ in range(repeat)]
+        batch = [await measure(limit, latency_ms, BatchScheduler()) for _ in range(repeat)]
         bound = lower_bound(latency, limit)
         sliding_s = statistics.median(t for t, _ in sliding)
         batch_s = statistics.median(t for t, _ in batch)

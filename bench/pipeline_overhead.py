@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402 - after sys.path
 
-from adapters.ports import JobStore  # noqa: E402
+from pipeline.delivery import run_job  # noqa: E402
 from pipeline.deps import Deps  # noqa: E402
 from pipeline.offline import OfflineProvider  # noqa: E402
-from pipeline.runner import run_job  # noqa: E402
+from pipeline.ports import JobStore  # noqa: E402
 from pipeline.service import JobService  # noqa: E402
 
 BODY = {

@@ -382,7 +382,7 @@ async def bench_concurrency(
     """One run of (c): ``jobs`` queued at once (submitted while the worker is paused by
     SIGSTOP), then taken by the worker with ``jobs`` slots."""
     from adapters.saq_queue import SaqQueue
-    from pipeline.graph import lower_bound
+    from bench.makespan_bounds import lower_bound
 
     prefix = f"bench-c{jobs}-{log_level}-{run}"
     worker = start_worker(

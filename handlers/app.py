@@ -21,13 +21,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from adapters.ports import StoreUnavailable
 from handlers.auth import SubmitRateLimiter
 from handlers.bootstrap import Container, bootstrap
 from handlers.http_common import InvalidBody, error_response
 from handlers.metrics import Metrics
 from handlers.routes_jobs import ROUTES as JOB_ROUTES
 from handlers.routes_ops import ROUTES as OPS_ROUTES
+from pipeline.model import StoreUnavailable
 from pipeline.request import RequestInvalid
 
 log = structlog.get_logger("jobq.http")

@@ -16,8 +16,8 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 
-from adapters.constants import DEFAULT_TENANT
 from handlers.settings import Settings
+from pipeline.vocabulary import DEFAULT_TENANT
 
 
 def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:

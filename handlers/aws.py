@@ -8,15 +8,16 @@
 - ``run_sqs_worker``: long-polls SQS and runs the same handler code, so the aws
   backend works locally (against moto) without Lambda.
 
-A delivery fails (is retried) when the run crashed or handed the job back still
-active; a job the pipeline ended as failed is a successful delivery. The last
+A delivery fails (is retried) when the run crashed and left the job active, or
+when another delivery runs the job; a job the pipeline ended as failed is a
+successful delivery. The last
 delivery SQS allows (``ApproximateReceiveCount >= JOB_MAX_ATTEMPTS``, the redrive
 policy's ``maxReceiveCount``) that fails marks the job ``failed`` with code
 ``worker_lost``, so a poison message lands in the DLQ with its job ended.
 
-No job outlives its invocation: its deadline is clamped to the invocation's
-remaining time less ``DEADLINE_MARGIN_S``; when the clamp bites, the pipeline
-fails the job with code ``timeout`` and says why.
+No job outlives its invocation: ``deliver``'s ``deadline_cap`` is the invocation's
+remaining time less ``DEADLINE_MARGIN_S``; when the cap bites, the pipeline fails
+the job with code ``timeout`` and says why.
 """
 
 from __future__ import annotations
@@ -34,12 +35,11 @@ from typing import Any
 
 import structlog
 
-from adapters.ports import JSON, Job, StoreUnavailable
 from adapters.sqs_queue import SqsQueue
 from handlers.bootstrap import Container, bootstrap
 from handlers.settings import Settings
-from pipeline.deps import Deps
-from pipeline.runner import JobRun, fail_active_job, run_job
+from pipeline.delivery import Outcome
+from pipeline.model import JSON, StoreUnavailable
 
 log = structlog.get_logger("jobq.aws")
 
@@ -137,29 +137,6 @@ def _worker_runtime(settings: Settings | None = None) -> _WorkerRuntime:
     return _worker
 
 
-def _clamped_run(limit_at: float | None) -> type[JobRun]:
-    """A ``JobRun`` whose deadline is no later than ``limit_at`` (epoch seconds)."""
-    if limit_at is None:
-        return JobRun
-    limit: float = limit_at
-
-    class ClampedJobRun(JobRun):
-        def __init__(self, job: Job, deps: Deps) -> None:
-            super().__init__(job, deps)
-            self.own_deadline = self.deadline
-            self.deadline = min(self.deadline, limit)
-
-        def _timeout_message(self) -> str:
-            if self.deadline < self.own_deadline:
-                return (
-                    f"job reached the worker's time limit (the Lambda timeout) before its "
-                    f"deadline of {self.request.timeout_ms} ms; use a shorter timeout_ms"
-                )
-            return super()._timeout_message()
-
-    return ClampedJobRun
-
-
 def _remaining_s(context: Any) -> float | None:
     getter = getattr(context, "get_remaining_time_in_millis", None)
     return None if getter is None else float(getter()) / 1000.0
@@ -179,39 +156,15 @@ async def _run_record(runtime: _WorkerRuntime, record: JSON, limit_at: float | N
         return False
     bound = log.bind(job_id=job_id, message_id=message_id, receive_count=receives)
     bound.info("delivery_started", last_delivery=last_delivery)
-    crashed: str | None = None
-    job: Job | None = None
-    outer = None if limit_at is None else max(0.0, limit_at - time.time()) + DEADLINE_MARGIN_S / 2
-    guard = asyncio.timeout(outer)
-    try:
-        async with guard:
-            job = await run_job(job_id, container.deps, run_cls=_clamped_run(limit_at))
-    except Exception as exc:
-        if isinstance(exc, TimeoutError) and guard.expired():
-            # Safety net only: the clamped deadline normally ends the job first.
-            crashed = "the run outlived its invocation's time limit"
-            job = await fail_active_job(container.deps, job_id, "timeout", crashed)
-            return job is not None and not job.active
-        crashed = f"{type(exc).__name__}: {exc}"
-        bound.exception("delivery_crashed")
-        with contextlib.suppress(Exception):
-            job = await container.store.get(job_id)
-    else:
-        if job is not None and job.active:
-            crashed = f"the run handed the job back while {job.status}"
-    if job is not None and not job.active:
-        bound.info("delivery_finished", status=job.status)
-        return True  # ended (completed, failed, cancelled), however the run went
-    if job is None and crashed is None:
-        return True  # unknown or expired job: nothing to do
-    if last_delivery:
-        message = (
-            f"the job's delivery failed {receives} times (last: {crashed}); "
-            "its message went to the dead-letter queue"
-        )
-        with contextlib.suppress(Exception):
-            await fail_active_job(container.deps, job_id, "worker_lost", message)
-    bound.warning("delivery_failed", reason=crashed, last_delivery=last_delivery)
+    done = await container.deliver(job_id, last_delivery=last_delivery, deadline_cap=limit_at)
+    to_dlq = done.outcome is Outcome.LOST and done.error is not None  # its last delivery crashed
+    if not to_dlq and done.outcome in (Outcome.COMPLETED, Outcome.FAILED, Outcome.LOST, Outcome.UNKNOWN):
+        bound.info("delivery_finished", outcome=done.outcome)
+        return True  # ended (completed, failed, cancelled) or gone, however the run went
+    if done.error is not None:
+        bound.error("delivery_crashed", exc_info=done.error)
+    reason = repr(done.error) if done.error is not None else "another delivery runs the job"
+    bound.warning("delivery_failed", outcome=done.outcome, reason=reason, last_delivery=last_delivery)
     return False
 
 

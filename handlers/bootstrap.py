@@ -13,10 +13,10 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
-from adapters.ports import Job, JobStore, LLMProvider, Queue, RateLimiter
 from handlers.settings import Settings
+from pipeline.delivery import Delivery, deliver
 from pipeline.deps import Deps, PipelineConfig
-from pipeline.runner import run_job
+from pipeline.ports import JobStore, LLMProvider, Queue, RateLimiter
 from pipeline.service import JobService
 
 
@@ -27,8 +27,6 @@ class Container:
     settings: Settings
     store: JobStore
     queue: Queue
-    llm: LLMProvider
-    limiter: RateLimiter | None
     deps: Deps
     service: JobService
 
@@ -40,9 +38,13 @@ class Container:
         await self.queue.close()
         await self.store.close()
 
-    async def run(self, job_id: str) -> Job | None:
-        """Run one delivery of a job (what every worker flavour calls); the job as left."""
-        return await run_job(job_id, self.deps)
+    async def deliver(
+        self, job_id: str, *, last_delivery: bool = False, deadline_cap: float | None = None
+    ) -> Delivery:
+        """One delivery of a job: what every worker flavour calls (``pipeline.delivery``)."""
+        return await deliver(
+            job_id, self.deps, last_delivery=last_delivery, deadline_cap=deadline_cap
+        )
 
 
 def _load(module: str, attr: str, extra: str) -> Any:
@@ -84,7 +86,7 @@ def build_store(settings: Settings) -> JobStore:
     raise ValueError(f"JOBS_STORE_URL: unsupported scheme {url.scheme!r}")
 
 
-def build_queue(settings: Settings, run: Callable[[str], Awaitable[object]], store: JobStore) -> Queue:
+def build_queue(settings: Settings, run: Callable[[str], Awaitable[Delivery]], store: JobStore) -> Queue:
     url = urlparse(settings.queue_url)
     if url.scheme == "memory":
         from adapters.local_queue import LocalQueue
@@ -174,7 +176,7 @@ def bootstrap(
     limiter = limiter if limiter is not None else build_limiter(settings)
     deps = Deps(store=store, llm=llm, config=config or pipeline_config(settings), limiter=limiter)
 
-    queue = queue or build_queue(settings, partial(run_job, deps=deps), store)
+    queue = queue or build_queue(settings, partial(deliver, deps=deps), store)
     deps.stopping = queue.stopping
     service = JobService(deps, queue, backend=settings.backend)
-    return Container(settings, store, queue, llm, limiter, deps, service)
+    return Container(settings, store, queue, deps, service)

@@ -10,10 +10,10 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import ClientException, HTTPException, NotFoundException
 
-from adapters.ports import ARTIFACT_NAME_RE
 from handlers.auth import SubmitRateLimiter, read_scope, resolve_tenant
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
+from pipeline.model import ARTIFACT_NAME_RE
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")

@@ -9,9 +9,9 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
-from adapters.constants import STATUSES, TERMINAL_STATUSES
 from handlers import http_common as h
 from handlers.sse import job_events, last_event_id, sse_response
+from pipeline.vocabulary import STATUSES, TERMINAL_STATUSES
 
 JSONDict = dict[str, Any]
 

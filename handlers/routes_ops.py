@@ -9,10 +9,10 @@ from typing import Any
 import structlog
 from litestar import MediaType, Request, Response, get, post
 
-from adapters.constants import CANCELLED, COMPLETED, FAILED, TERMINAL_STATUSES
-from adapters.ports import Job
 from handlers import http_common as h
 from handlers.routes_jobs import job_location
+from pipeline.model import Job
+from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
 
 JSONDict = dict[str, Any]
 HEALTH_TIMEOUT_S = 0.8
@@ -86,7 +86,7 @@ async def _legacy(request: Request[Any, Any, Any], endpoint: str) -> Response[JS
 
 
 def legacy_response(job: Job) -> Response[JSONDict]:
-    if job.status == COMPLETED and job.result:
+    if job.status == JobStatus.COMPLETED and job.result:
         meta = job.result.get("meta") or {}
         done = sum(1 for s in job.steps.values() if s in ("completed", "cached"))
         return Response(
@@ -102,7 +102,7 @@ def legacy_response(job: Job) -> Response[JSONDict]:
             },
             status_code=200,
         )
-    if job.status in (FAILED, CANCELLED):
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         error = job.error or {}
         return Response(
             {

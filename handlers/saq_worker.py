@@ -18,7 +18,6 @@ the heartbeat is set per job at enqueue time (``SAQ_HEARTBEAT_S``, see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import socket
@@ -29,12 +28,12 @@ import structlog
 from saq import Worker
 from saq.job import Job as SaqJob
 
-from adapters.constants import COMPLETED, FAILED
-from adapters.ports import StoreUnavailable
 from adapters.saq_queue import RUN_JOB_FUNCTION, JobqRedisQueue, SaqQueue
 from handlers.bootstrap import Container, bootstrap, build_saq_queue
 from handlers.settings import Settings
-from pipeline.runner import fail_active_job
+from pipeline.delivery import Outcome
+from pipeline.model import StoreUnavailable
+from pipeline.vocabulary import JobStatus
 
 log = structlog.get_logger("jobq.worker")
 
@@ -65,39 +64,42 @@ async def _heartbeat(job: SaqJob) -> None:
 
 
 async def run_job(ctx: Any, *, job_id: str) -> None:
-    """SAQ function ``run_job``: one delivery of a job, through ``Container.run``."""
+    """SAQ function ``run_job``: one delivery of a job (``pipeline.delivery.deliver``).
+
+    A crashed delivery raises for SAQ to retry it; when SAQ will not (its last
+    retry), ``deliver`` has failed the job with ``worker_lost`` first."""
     container: Container = ctx["container"]
     delivery: SaqJob = ctx["job"]
     log.info("job_picked_up", job_id=job_id, delivery=delivery.attempts, worker=ctx["worker"].id)
     beat = asyncio.create_task(_heartbeat(delivery), name=f"heartbeat-{job_id}")
     try:
-        job = await container.run(job_id)
+        done = await container.deliver(job_id, last_delivery=not delivery.retryable)
     except asyncio.CancelledError:
         log.warning("job_handed_back", job_id=job_id, delivery=delivery.attempts)
-        raise
-    except Exception as exc:
-        if isinstance(exc, StoreUnavailable):  # Redis away: the reason is the whole story
-            log.warning("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts, error=str(exc))
-        else:
-            log.exception("job_delivery_crashed", job_id=job_id, delivery=delivery.attempts)
-        if not delivery.retryable:  # SAQ gives up on this one: so does the job
-            message = f"its deliveries crashed {delivery.attempts} times; the last: {exc!r}"
-            with contextlib.suppress(Exception):
-                await fail_active_job(container.deps, job_id, "worker_lost", message)
         raise
     finally:
         beat.cancel()
         await asyncio.wait({beat}, timeout=5)
-    status = job.status if job else "missing"
-    if status == FAILED:
-        log.info("job_failed", job_id=job_id, status=status, error=job.error if job else None)
-    elif status == COMPLETED or job is None or not job.active:
-        log.info("job_finished", job_id=job_id, status=status)
-    else:
+    job = done.job
+    if done.error is not None:
+        if isinstance(done.error, StoreUnavailable):  # Redis away: the reason is the whole story
+            log.warning(
+                "job_delivery_crashed", job_id=job_id, delivery=delivery.attempts, error=str(done.error)
+            )
+        else:
+            log.error(
+                "job_delivery_crashed", job_id=job_id, delivery=delivery.attempts, exc_info=done.error
+            )
+        raise done.error
+    if done.outcome is Outcome.SUPERSEDED:
         # Another delivery runs the job now: SAQ's record of it is that delivery's.
         if isinstance(delivery.queue, JobqRedisQueue):
             delivery.queue.release(delivery)
-        log.info("job_released", job_id=job_id, status=status)
+        log.info("job_released", job_id=job_id, status=job.status if job else "missing")
+    elif job is not None and job.status == JobStatus.FAILED:
+        log.info("job_failed", job_id=job_id, status=job.status, error=job.error)
+    else:
+        log.info("job_finished", job_id=job_id, status=job.status if job else "missing")
 
 
 class JobqWorker(Worker[Any]):

@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from adapters.constants import EV_DONE, TERMINAL_STATUSES
-from adapters.ports import Job, JobStore
+from pipeline.model import Job
+from pipeline.ports import JobStore
+from pipeline.vocabulary import TERMINAL_STATUSES, EventType
 
 RETRY_MS = 2000
 MAX_EVENT_ID = 2**53
@@ -66,7 +67,7 @@ async def job_events(
                 continue
             after = event.id
             yield ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
-            if event.type == EV_DONE:
+            if event.type == EventType.DONE:
                 return
         if first and not events and await _finished_without_done(store, job_id, after, load_job):
             # A client that saw ``done`` and reconnected anyway: tell it again, at once.
@@ -88,7 +89,7 @@ async def _done_without_id(load_job: Callable[[], Awaitable[Job | None]]) -> Ser
     """A closing ``done`` with no id: the client's last id stays the one to resume after."""
     job = await load_job()
     return ServerSentEventMessage(
-        event=EV_DONE, data=json.dumps({"status": job.status if job else "unknown"})
+        event=EventType.DONE, data=json.dumps({"status": job.status if job else "unknown"})
     )
 
 

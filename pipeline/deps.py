@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from adapters.ports import JobStore, LLMProvider, RateLimiter
 from pipeline.latency import LatencyModel
+from pipeline.ports import JobStore, LLMProvider, RateLimiter
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
-from adapters.ports import JSON, LLMError, LLMRequest, now_ms
 from pipeline.deps import Deps, PipelineConfig
+from pipeline.model import JSON, LLMError, LLMRequest, now_ms
 from pipeline.prompts import render, repair_prompt
 from pipeline.schemas import InvalidOutput, json_schema, parse_output, schema_name
+from pipeline.vocabulary import ErrorCode
 
 log = structlog.get_logger(__name__)
 
@@ -132,7 +133,7 @@ class _Caller:
         await self._wait_for_rate_limit(request)
         remaining = self.call.deadline - time.time()
         if remaining <= 0:
-            raise LLMError("timeout", "job deadline reached before the call")
+            raise LLMError(ErrorCode.TIMEOUT, "job deadline reached before the call")
         per_call = min(request.timeout_s, remaining)
         started = time.perf_counter()
         try:
@@ -147,7 +148,7 @@ class _Caller:
         except TimeoutError:
             deadline_hit = per_call >= remaining
             error = LLMError(
-                "timeout",
+                ErrorCode.TIMEOUT,
                 f"no answer within {per_call:.1f}s"
                 + (" (job deadline)" if deadline_hit else ""),
                 transient=not deadline_hit,
@@ -164,7 +165,7 @@ class _Caller:
         try:
             data = parse_output(self.call.step, reply.text)
         except InvalidOutput as exc:
-            await self.trace(kind, "llm_invalid_output", started, error=str(exc), **usage)
+            await self.trace(kind, ErrorCode.LLM_INVALID_OUTPUT, started, error=str(exc), **usage)
             raise _InvalidAnswer(reply.text, str(exc)) from exc
         await self.trace(kind, "ok", started, **usage)
         return data
@@ -180,7 +181,7 @@ class _Caller:
             async with asyncio.timeout(max(0.0, self.call.deadline - time.time())):
                 await self.deps.limiter.acquire(request.model, tokens)
         except TimeoutError:
-            raise LLMError("timeout", "job deadline reached waiting for the LLM rate limit") from None
+            raise LLMError(ErrorCode.TIMEOUT, "job deadline reached waiting for the LLM rate limit") from None
 
     async def with_retries(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """``once`` retried on transient errors; a wait that would cross the
@@ -221,7 +222,7 @@ class _Caller:
         except LLMError as exc:
             if passed_deadline:
                 raise LLMError(
-                    "timeout", f"job deadline reached while retrying: {exc.message}"
+                    ErrorCode.TIMEOUT, f"job deadline reached while retrying: {exc.message}"
                 ) from exc
             raise
         raise AssertionError("unreachable: AsyncRetrying returns or raises")
@@ -256,6 +257,6 @@ async def call_llm_step(deps: Deps, call: StepCall) -> dict[str, Any]:
             return await caller.with_retries(repair, "repair")
         except _InvalidAnswer as second:
             raise LLMError(
-                "llm_invalid_output",
+                ErrorCode.LLM_INVALID_OUTPUT,
                 f"answer for step {call.step} invalid after one repair: {second.error}",
             ) from second

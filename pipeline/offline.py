@@ -19,9 +19,10 @@ from typing import Any
 
 import msgspec
 
-from adapters.ports import LLMError, LLMReply, LLMRequest
 from pipeline.graph import SECTION_STEPS
 from pipeline.hashing import sha256_hex
+from pipeline.model import LLMError, LLMReply, LLMRequest
+from pipeline.vocabulary import ErrorCode
 
 JSONDict = dict[str, Any]
 
@@ -142,7 +143,7 @@ class OfflineProvider:
         """The deterministic answer for ``step`` given its input artifacts."""
         builder = _BUILDERS.get(step) or (_section if step in SECTION_STEPS else None)
         if builder is None:
-            raise LLMError("llm_bad_request", f"offline provider has no answer for step {step!r}")
+            raise LLMError(ErrorCode.LLM_BAD_REQUEST, f"offline provider has no answer for step {step!r}")
         return builder(_Facts(step, language if language in _T else "en", context))
 
 

@@ -10,21 +10,13 @@ from typing import Any
 
 import structlog
 
-from adapters.constants import (
-    ACTIVE_STATUSES,
-    CANCELLED,
-    EV_DONE,
-    EV_ERROR,
-    EV_STATUS,
-    QUEUED,
-    RUNNING,
-    STATUSES,
-    TERMINAL_STATUSES,
-)
-from adapters.ports import Job, Queue, StoreUnavailable
 from pipeline.deps import Deps
+from pipeline.model import Job, StoreUnavailable
+from pipeline.ports import Queue
 from pipeline.request import RequestInvalid, validate_request
+from pipeline.transitions import cancel_queued
 from pipeline.views import initial_progress, initial_steps, status_event, status_view
+from pipeline.vocabulary import ACTIVE_STATUSES, STATUSES, TERMINAL_STATUSES, EventType, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +46,7 @@ class JobService:
             steps=initial_steps(),
             idempotency_key=idempotency_key,
         )
-        job, created = await self.store.create(job, events=[(EV_STATUS, status_event(job))])
+        job, created = await self.store.create(job, events=[(EventType.STATUS, status_event(job))])
         if not created:
             return job, False
         try:
@@ -91,16 +83,9 @@ class JobService:
         if job is None or job.status in TERMINAL_STATUSES:
             return job
         await self.store.request_cancel(job_id)
-        if job.status == QUEUED:
-            error = {"code": "cancelled", "message": "cancelled before it started", "step": None}
-            cancelled = await self.store.update(
-                job_id, expect={QUEUED}, status=CANCELLED, error=error, completed_at=time.time()
-            )
+        if job.status == JobStatus.QUEUED:
+            cancelled = await cancel_queued(self.store, job)
             if cancelled is not None:
-                await self.store.append_event(job_id, EV_STATUS, status_event(cancelled))
-                await self.store.append_event(job_id, EV_ERROR, error)
-                await self.store.append_event(job_id, EV_DONE, {"status": CANCELLED})
-                log.info("job_cancelled", job_id=job_id, was=QUEUED)
                 return cancelled
         log.info("job_cancel_requested", job_id=job_id)
         return await self.store.get(job_id)
@@ -171,7 +156,7 @@ class JobService:
             events = await self.store.read_events(job_id, after, wait_s=remaining)
             if events:
                 after = events[-1].id
-                if any(e.type == EV_DONE for e in events):
+                if any(e.type == EventType.DONE for e in events):
                     final = await self.store.get(job_id)
                     return final if final is not None else job
 
@@ -181,7 +166,7 @@ class JobService:
         return {
             "jobs": counts,
             "active": sum(counts.get(s, 0) for s in ACTIVE_STATUSES),
-            "running": counts.get(RUNNING, 0),
+            "running": counts.get(JobStatus.RUNNING, 0),
             "queue": queue,
             "workers": queue.get("workers"),
             "backend": self.backend,

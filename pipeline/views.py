@@ -7,9 +7,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from adapters.constants import CANCELLED, COMPLETED, FAILED, QUEUED
-from adapters.ports import Artifact, Job
 from pipeline.graph import STEP_NAMES, STEPS, TOTAL_STEPS
+from pipeline.model import Artifact, Job
+from pipeline.vocabulary import JobStatus
 
 
 def iso(ts: float | None) -> str | None:
@@ -40,14 +40,14 @@ def status_view(
         "startedAt": iso(job.started_at),
         "completedAt": iso(job.completed_at),
         "attempts": job.attempts,
-        "error": job.error if job.status in (FAILED, CANCELLED) else None,
+        "error": job.error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None,
     }
     if artifacts is not None:
         view["artifacts"] = {
             a.name: {"type": a.type, "hash": a.hash, "timestamp": a.timestamp, "size": a.size}
             for a in artifacts
         }
-    if include_result and job.status == COMPLETED and job.result is not None:
+    if include_result and job.status == JobStatus.COMPLETED and job.result is not None:
         view["result"] = job.result
     return view
 
@@ -56,8 +56,3 @@ def status_event(job: Job) -> dict[str, Any]:
     """Payload of the ``status`` SSE event: the job view without result and artifacts."""
     return status_view(job, None, include_result=False)
 
-
-def accepted_view(job: Job) -> dict[str, Any]:
-    """The 202 answer to POST /api/jobs."""
-    message = "job accepted" if job.status == QUEUED else f"job is {job.status}"
-    return {"jobId": job.id, "status": job.status, "message": message}

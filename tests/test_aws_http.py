@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from adapters.constants import COMPLETED, QUEUED
 from handlers import aws
+from pipeline.vocabulary import JobStatus
 from tests.support.moto_server import aws_backend_env
 
 
@@ -138,16 +138,16 @@ def test_post_then_get_a_job_through_api_gateway_events(env: dict[str, str]) -> 
     assert status == 202, body
     created = json.loads(body)
     job_id = created["jobId"]
-    assert created["status"] == QUEUED
+    assert created["status"] == JobStatus.QUEUED
     assert headers["location"].endswith(f"/api/jobs/{job_id}")
     status, _, body = _call(api_event("GET", f"/api/jobs/{job_id}"))
     assert status == 200
     view = json.loads(body)
-    assert (view["jobId"], view["status"]) == (job_id, QUEUED)
+    assert (view["jobId"], view["status"]) == (job_id, JobStatus.QUEUED)
     _run_queued_jobs(1)
     status, _, body = _call(api_event("GET", f"/api/jobs/{job_id}"))
     done = json.loads(body)
-    assert done["status"] == COMPLETED and done["result"]["success"] is True
+    assert done["status"] == JobStatus.COMPLETED and done["result"]["success"] is True
     assert done["progress"]["percentage"] == 100 and "dossier" in done["artifacts"]
 
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 import boto3
 import pytest
 
-from adapters.constants import CANCELLED, COMPLETED, QUEUED, RUNNING
-from adapters.ports import Job, StoreUnavailable
 from adapters.s3_store import S3Store
+from pipeline.model import Job, StoreUnavailable
+from pipeline.vocabulary import JobStatus
 from tests.support.moto_server import moto_endpoint
 
 
@@ -70,12 +70,12 @@ async def test_cas_lets_one_transition_win_across_instances(
     for _ in range(5):
         job, _ = await a.create(_job())
         started, cancelled = await asyncio.gather(
-            a.update(job.id, expect={QUEUED}, status=RUNNING),
-            b.update(job.id, expect={QUEUED}, status=CANCELLED),
+            a.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING),
+            b.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.CANCELLED),
         )
         assert (started is None) != (cancelled is None)
         final = await b.get(job.id)
-        assert final is not None and final.status == (RUNNING if started else CANCELLED)
+        assert final is not None and final.status == (JobStatus.RUNNING if started else JobStatus.CANCELLED)
 
 
 async def test_racing_creates_with_one_idempotency_key_make_one_job(
@@ -122,7 +122,7 @@ async def test_read_events_waits_for_another_instance_to_append(
     reader = asyncio.create_task(b.read_events(job.id, after=1, wait_s=10))
     await asyncio.sleep(0.6)
     assert not reader.done()
-    await a.append_event(job.id, "done", {"status": COMPLETED})
+    await a.append_event(job.id, "done", {"status": JobStatus.COMPLETED})
     events = await asyncio.wait_for(reader, 10)
     assert [(e.id, e.type) for e in events] == [(2, "done")]
     assert await b.read_events(job.id, after=2, wait_s=0.3) == []
@@ -138,8 +138,8 @@ async def test_global_listing_pages_newest_first_and_filters_by_status(
         job = _job(tenant=f"t{n}")
         job.created_at += n
         made.append((await a.create(job))[0].id)
-    await b.update(made[1], status=CANCELLED)
-    await b.update(made[3], status=CANCELLED)
+    await b.update(made[1], status=JobStatus.CANCELLED)
+    await b.update(made[3], status=JobStatus.CANCELLED)
     ids: list[str] = []
     cursor = None
     while True:
@@ -148,11 +148,11 @@ async def test_global_listing_pages_newest_first_and_filters_by_status(
         if cursor is None:
             break
     assert ids == made[::-1]
-    cancelled, end = await a.list_jobs(None, status=CANCELLED, limit=5)
+    cancelled, end = await a.list_jobs(None, status=JobStatus.CANCELLED, limit=5)
     assert [j.id for j in cancelled] == [made[3], made[1]]
     assert end is None
     counts = await a.count_by_status()
-    assert (counts[QUEUED], counts[CANCELLED]) == (3, 2)
+    assert (counts[JobStatus.QUEUED], counts[JobStatus.CANCELLED]) == (3, 2)
 
 
 async def test_cancel_flag_written_by_one_instance_is_seen_by_the_other(

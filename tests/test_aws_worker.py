@@ -21,12 +21,12 @@ from typing import Any
 import boto3
 import pytest
 
-from adapters.constants import COMPLETED, FAILED, QUEUED, RUNNING
-from adapters.ports import Job, LLMReply, LLMRequest, StoreUnavailable
 from handlers import aws
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
+from pipeline.model import Job, LLMReply, LLMRequest, StoreUnavailable
 from pipeline.offline import OfflineProvider
+from pipeline.vocabulary import JobStatus
 from tests.support.moto_server import TEST_MAX_RECEIVE_COUNT, aws_backend_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,10 +134,10 @@ def test_sqs_handler_completes_the_jobs_of_an_event(env: dict[str, str]) -> None
     assert reply == {"batchItemFailures": []}
     for job_id in ids:
         job = _job(job_id)
-        assert job.status == COMPLETED and job.attempts == 1
+        assert job.status == JobStatus.COMPLETED and job.attempts == 1
         assert job.result is not None and job.result["success"] is True
         events = _run(aws._worker_runtime().container.store.read_events(job_id))
-        assert events[-1].type == "done" and events[-1].data == {"status": COMPLETED}
+        assert events[-1].type == "done" and events[-1].data == {"status": JobStatus.COMPLETED}
 
 
 def test_a_crashing_job_is_the_only_failure_reported(env: dict[str, str]) -> None:
@@ -148,8 +148,8 @@ def test_a_crashing_job_is_the_only_failure_reported(env: dict[str, str]) -> Non
     bad_message = next(r["messageId"] for r in event["Records"] if _job_of(r) == bad)
     reply = aws.sqs_handler(event, LambdaContext())
     assert reply == {"batchItemFailures": [{"itemIdentifier": bad_message}]}
-    assert _job(good).status == COMPLETED
-    assert _job(bad).status == RUNNING  # handed back for another delivery, not ended
+    assert _job(good).status == JobStatus.COMPLETED
+    assert _job(bad).status == JobStatus.RUNNING  # handed back for another delivery, not ended
     again = _receive(1)["Records"][0]
     assert _job_of(again) == bad and again["attributes"]["ApproximateReceiveCount"] == "2"
 
@@ -163,7 +163,7 @@ def test_a_poison_message_goes_to_the_dlq_and_fails_its_job(env: dict[str, str])
         assert record["attributes"]["ApproximateReceiveCount"] == str(delivery)
         reply = aws.sqs_handler(event, LambdaContext())
         assert reply == {"batchItemFailures": [{"itemIdentifier": record["messageId"]}]}
-        expected = FAILED if delivery == TEST_MAX_RECEIVE_COUNT else RUNNING
+        expected = JobStatus.FAILED if delivery == TEST_MAX_RECEIVE_COUNT else JobStatus.RUNNING
         assert _job(bad).status == expected
     job = _job(bad)
     assert job.error is not None and job.error["code"] == "worker_lost"
@@ -192,7 +192,7 @@ def test_a_job_never_outlives_the_invocation(
     reply = aws.sqs_handler(event, context)
     assert reply == {"batchItemFailures": []}
     job = _job(job_id)
-    assert job.status == FAILED
+    assert job.status == JobStatus.FAILED
     assert job.error is not None and job.error["code"] == "timeout"
     assert "Lambda timeout" in job.error["message"]
     assert context.get_remaining_time_in_millis() > 0
@@ -239,10 +239,10 @@ def test_a_job_whose_worker_dies_is_redelivered_and_resumed(
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     done_before = {a.name for a in _run(store.list_artifacts(job_id))}
-    assert _job(job_id).status == RUNNING
+    assert _job(job_id).status == JobStatus.RUNNING
     second = _worker(worker_env, log)
     try:
-        _wait(lambda: _job(job_id).status == COMPLETED, 60, "completion", log)
+        _wait(lambda: _job(job_id).status == JobStatus.COMPLETED, 60, "completion", log)
     finally:
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
@@ -270,4 +270,4 @@ def test_worker_stats_report_queue_depths_honestly(env: dict[str, str]) -> None:
     assert stats["queued"] == 2 and stats["in_flight"] == 0
     assert stats["workers"] is None and stats["worker_kind"] == "lambda"
     assert stats["dead_letter"] == 0
-    assert _job(_submit(_body("stats"))).status == QUEUED
+    assert _job(_submit(_body("stats"))).status == JobStatus.QUEUED

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 from adapters.llm_anthropic import AnthropicProvider
 from adapters.llm_errors import parse_retry_after
 from adapters.llm_openai import OpenAIProvider
-from adapters.ports import LLMError, LLMReply, LLMRequest
 from adapters.ratelimit_memory import MemoryRateLimiter
 from pipeline.graph import LLM_STEPS
+from pipeline.model import LLMError, LLMReply, LLMRequest
 from pipeline.schemas import InvalidOutput, json_schema, parse_output
 from tests.support.fake_llm import (
     FakeLLMServer,

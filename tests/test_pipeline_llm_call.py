@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from adapters.ports import LLMError, LLMReply, LLMRequest
 from adapters.sqlite_store import SqliteStore
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.llm_call import StepCall, backoff_delay, call_llm_step
+from pipeline.model import LLMError, LLMReply, LLMRequest
 from pipeline.offline import OfflineProvider
 from pipeline.request import validate_request
 from pipeline.steps import build_pitch

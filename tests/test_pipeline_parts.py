@@ -12,21 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.ports import Job, canonical_json
 from pipeline.graph import (
     LLM_STEPS,
     PRIORITY,
     SECTION_STEPS,
     STEP_BY_NAME,
     STEPS,
-    batch_makespan,
-    critical_path,
     input_artifacts,
-    lower_bound,
-    simple_bound,
-    step_latencies,
 )
-from pipeline.hashing import cache_key, content_hash, make_artifact, sha256_hex
+from pipeline.hashing import cache_key, canonical_json, content_hash, make_artifact, sha256_hex
+from pipeline.model import Job
 from pipeline.offline import OfflineProvider
 from pipeline.prompts import prompt_version, render, template
 from pipeline.request import validate_request
@@ -64,21 +59,7 @@ def test_graph_matches_the_spec_table() -> None:
 def test_priority_is_the_longest_remaining_chain() -> None:
     """market outranks the other sections, business_model outranks its siblings."""
     assert PRIORITY["market"] > PRIORITY["business_model"] > PRIORITY["problem"]
-    assert PRIORITY["evidence"] == PRIORITY["brief"] == critical_path() == 5
-
-
-def test_lower_bound_is_exact_for_unit_steps() -> None:
-    """With equal LLM latency the optimum is 12, 7, 5, 5 calls' time at 1, 2, 4, 16 slots."""
-    assert [lower_bound(1.0, k) for k in (1, 2, 3, 4, 16)] == [12, 7, 5, 5, 5]
-    assert simple_bound(lambda s: 1.0 if s in LLM_STEPS else 0.0, 2) == 6
-
-
-def test_lower_bound_never_exceeds_any_schedule() -> None:
-    """On uneven latencies the optimum sits between the simple bound and the batch schedule."""
-    latency = step_latencies({"market": 2.0, "team": 0.5, "evidence": 1.5}, 1.0)
-    for k in (1, 2, 3, 4, 16):
-        best = lower_bound(latency, k)
-        assert simple_bound(latency, k) <= best + 1e-9 <= batch_makespan(latency, k) + 1e-9
+    assert PRIORITY["evidence"] == PRIORITY["brief"] == max(PRIORITY.values()) == 5
 
 
 # -- hashing and schemas ---------------------------------------------------

@@ -10,16 +10,17 @@ from typing import Any
 
 import pytest
 
-from adapters.constants import CANCELLED, COMPLETED, FAILED, RUNNING
-from adapters.ports import Event, Job, JobStore, LLMError, LLMReply, LLMRequest, StoreUnavailable
 from adapters.sqlite_store import SqliteStore
+from pipeline.delivery import run_job
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.graph import LLM_STEPS, STEP_BY_NAME, STEP_NAMES, STEPS
 from pipeline.hashing import content_hash
+from pipeline.model import Event, Job, LLMError, LLMReply, LLMRequest, StoreUnavailable
 from pipeline.offline import OfflineProvider
+from pipeline.ports import JobStore
 from pipeline.request import validate_request
-from pipeline.runner import run_job
 from pipeline.views import initial_progress, initial_steps, status_view
+from pipeline.vocabulary import JobStatus
 
 BODY = {
     "project_title": "GreenGrid",
@@ -61,7 +62,7 @@ async def test_all_fifteen_artifacts_are_stored_with_verifiable_hashes(store: Sq
     """A completed job has one artifact per step, of the step's type, hashed as sha256 of canonical JSON."""
     llm = OfflineProvider()
     job = await run_job(await new_job(store), Deps(store, llm, FAST))
-    assert job is not None and job.status == COMPLETED, job and job.error
+    assert job is not None and job.status == JobStatus.COMPLETED, job and job.error
     artifacts = await store.list_artifacts(job.id)
     assert sorted(a.name for a in artifacts) == sorted(s.artifact for s in STEPS)
     by_name = {a.name: a for a in artifacts}
@@ -85,7 +86,7 @@ async def test_parallel_limit_is_used_but_never_exceeded(store: SqliteStore, lim
     """Concurrent LLM calls reach parallel_limit and never go beyond it."""
     llm = OfflineProvider(latency_ms=100)
     job = await run_job(await new_job(store, parallel_limit=limit), Deps(store, llm, FAST))
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert llm.max_in_flight == limit
     assert llm.in_flight == 0
 
@@ -100,7 +101,7 @@ async def test_critical_path_first_with_one_slot(store: SqliteStore) -> None:
             return await super().complete(request)
 
     job = await run_job(await new_job(store, parallel_limit=1), Deps(store, Recording(), FAST))
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert order.index("market") == 2
     assert order.index("business_model") < order.index("problem")
     assert order[-1] == "investor_score"
@@ -113,7 +114,7 @@ async def test_second_identical_job_is_served_from_the_cache(store: SqliteStore)
     first = await run_job(await new_job(store), deps)
     calls_after_first = llm.calls
     second = await run_job(await new_job(store), deps)
-    assert first is not None and second is not None and second.status == COMPLETED
+    assert first is not None and second is not None and second.status == JobStatus.COMPLETED
     assert llm.calls == calls_after_first
     assert all(second.steps[s] == "cached" for s in LLM_STEPS)
     assert second.steps["input"] == second.steps["assemble"] == "completed"
@@ -135,7 +136,7 @@ async def test_skip_cache_calls_every_step_again(store: SqliteStore) -> None:
     deps = Deps(store, llm, FAST)
     await run_job(await new_job(store), deps)
     job = await run_job(await new_job(store, skip_cache=True), deps)
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert llm.calls == 2 * len(LLM_STEPS)
     assert all(job.steps[s] == "completed" for s in LLM_STEPS)
 
@@ -156,7 +157,7 @@ async def test_deadline_fails_the_job_with_timeout_and_aborts_calls(store: Sqlit
     llm = OfflineProvider(latency_ms=400)
     job_id = await new_job(store, parallel_limit=1, timeout_ms=1000)
     job = await run_job(job_id, Deps(store, llm, FAST))
-    assert job is not None and job.status == FAILED
+    assert job is not None and job.status == JobStatus.FAILED
     assert job.error is not None and job.error["code"] == "timeout"
     assert job.error["step"] in LLM_STEPS
     assert job.steps[job.error["step"]] == "failed"
@@ -164,7 +165,7 @@ async def test_deadline_fails_the_job_with_timeout_and_aborts_calls(store: Sqlit
     assert llm.calls < len(LLM_STEPS)
     events = await store.read_events(job_id)
     assert [e.type for e in events[-3:]] == ["status", "error", "done"]
-    assert events[-1].data == {"status": FAILED}
+    assert events[-1].data == {"status": JobStatus.FAILED}
 
 
 async def test_cancel_mid_run_ends_cancelled_and_aborts_calls(store: SqliteStore) -> None:
@@ -175,12 +176,12 @@ async def test_cancel_mid_run_ends_cancelled_and_aborts_calls(store: SqliteStore
     await wait_for_artifacts(store, job_id, 2)
     await store.request_cancel(job_id)
     job = await task
-    assert job is not None and job.status == CANCELLED
+    assert job is not None and job.status == JobStatus.CANCELLED
     assert job.error is not None and job.error["code"] == "cancelled"
     assert llm.in_flight == 0
     assert "running" not in job.steps.values()
     assert len(await store.list_artifacts(job_id)) < len(STEPS)
-    assert (await store.read_events(job_id))[-1].data == {"status": CANCELLED}
+    assert (await store.read_events(job_id))[-1].data == {"status": JobStatus.CANCELLED}
 
 
 async def test_cancel_of_one_job_leaves_its_neighbours_running(store: SqliteStore) -> None:
@@ -193,7 +194,11 @@ async def test_cancel_of_one_job_leaves_its_neighbours_running(store: SqliteStor
     await wait_for_artifacts(store, ids[1], 2)
     await store.request_cancel(ids[1])
     jobs = await asyncio.gather(*tasks)
-    assert [j.status if j else None for j in jobs] == [COMPLETED, CANCELLED, COMPLETED]
+    assert [j.status if j else None for j in jobs] == [
+        JobStatus.COMPLETED,
+        JobStatus.CANCELLED,
+        JobStatus.COMPLETED,
+    ]
     for job_id in (ids[0], ids[2]):
         assert len(await store.list_artifacts(job_id)) == len(STEPS)
     assert llm.in_flight == 0
@@ -205,7 +210,7 @@ async def test_trace_holds_every_call_and_events_carry_every_artifact(store: Sql
     llm = OfflineProvider(latency_ms=5)
     job_id = await new_job(store, parallel_limit=3)
     job = await run_job(job_id, Deps(store, llm, FAST))
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     trace = await store.get_trace(job_id)
     assert sorted(r["step"] for r in trace) == sorted(LLM_STEPS)
     assert job.result is not None and job.result["meta"]["llm_calls"] == len(trace)
@@ -222,7 +227,7 @@ async def test_cancel_before_start_makes_no_call(store: SqliteStore) -> None:
     job_id = await new_job(store)
     await store.request_cancel(job_id)
     job = await run_job(job_id, Deps(store, llm, FAST))
-    assert job is not None and job.status == CANCELLED and llm.calls == 0
+    assert job is not None and job.status == JobStatus.CANCELLED and llm.calls == 0
 
 
 async def test_killed_delivery_resumes_without_repeating_finished_steps(store: SqliteStore) -> None:
@@ -237,14 +242,14 @@ async def test_killed_delivery_resumes_without_repeating_finished_steps(store: S
         await task
     assert llm.in_flight == 0
     interrupted = await store.get(job_id)
-    assert interrupted is not None and interrupted.status == RUNNING
+    assert interrupted is not None and interrupted.status == JobStatus.RUNNING
     finished = {a.name for a in await store.list_artifacts(job_id)}
     finished_llm_steps = {s for s in LLM_STEPS if STEP_BY_NAME[s].artifact in finished}
     assert finished_llm_steps, "the kill came before any LLM step finished"
     calls_before = dict(llm.calls_by_step)
 
     job = await run_job(job_id, deps)
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert job.attempts == 2
     assert job.started_at == interrupted.started_at
     for step in finished_llm_steps:
@@ -281,15 +286,15 @@ async def test_worker_lost_after_max_attempts(store: SqliteStore) -> None:
     """A job already delivered job_max_attempts times fails with worker_lost instead of running again."""
     llm = OfflineProvider()
     job_id = await new_job(store)
-    await store.update(job_id, status=RUNNING, attempts=3, started_at=1.0)
+    await store.update(job_id, status=JobStatus.RUNNING, attempts=3, started_at=1.0)
     job = await run_job(job_id, Deps(store, llm, PipelineConfig(job_max_attempts=3)))
-    assert job is not None and job.status == FAILED
+    assert job is not None and job.status == JobStatus.FAILED
     assert job.error is not None and job.error["code"] == "worker_lost"
     assert llm.calls == 0
-    assert (await store.read_events(job_id))[-1].data == {"status": FAILED}
+    assert (await store.read_events(job_id))[-1].data == {"status": JobStatus.FAILED}
 
 
-@pytest.mark.parametrize(("stopping", "ends"), [(True, COMPLETED), (False, FAILED)])
+@pytest.mark.parametrize(("stopping", "ends"), [(True, JobStatus.COMPLETED), (False, JobStatus.FAILED)])
 async def test_only_an_interruption_on_shutdown_is_a_hand_back(
     store: SqliteStore, stopping: bool, ends: str
 ) -> None:
@@ -342,7 +347,7 @@ async def test_permanent_llm_error_fails_the_job_with_its_code_and_step(store: S
     """A non-transient provider error is not retried and fails the job with {code, message, step}."""
     llm = FailingStep("market", LLMError("llm_auth", "key rejected", status=401))
     job = await run_job(await new_job(store, parallel_limit=4), Deps(store, llm, FAST))
-    assert job is not None and job.status == FAILED
+    assert job is not None and job.status == JobStatus.FAILED
     assert job.error == {"code": "llm_auth", "message": "key rejected", "step": "market"}
     assert job.steps["market"] == "failed"
     assert llm.calls_by_step["market"] == 1
@@ -363,7 +368,7 @@ async def test_learned_step_durations_steer_the_critical_path(store: SqliteStore
     for step in LLM_STEPS:
         deps.latency.observe(step, "offline", 5.0 if step == "team" else 0.1)
     job = await run_job(await new_job(store, parallel_limit=1), deps)
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert order.index("team") == 2
     estimate = deps.latency.estimate("market", "offline")
     assert estimate is not None and estimate < 0.1, "the run did not feed what it saw back"
@@ -425,7 +430,7 @@ async def test_dependent_steps_do_not_wait_for_the_store(opened: Opener) -> None
     store = await opened(_SlowCommits(log, delay_s=0.05))
     job_id = await new_job(store, parallel_limit=1)
     job = await run_job(job_id, Deps(store, _LoggedProvider(log), FAST))
-    assert job is not None and job.status == COMPLETED
+    assert job is not None and job.status == JobStatus.COMPLETED
     assert log.index(("called", "brief")) < log.index(("committed", "pitch"))
     _inputs_committed_first(log)
     assert {a.name for a in await store.list_artifacts(job_id)} == {s.artifact for s in STEPS}
@@ -465,7 +470,7 @@ async def test_a_lost_checkpoint_stops_later_ones_and_the_next_delivery_complete
     after_loss = len(log)
 
     job = await run_job(job_id, Deps(store, llm, FAST))
-    assert job is not None and job.status == COMPLETED and job.attempts == 2
+    assert job is not None and job.status == JobStatus.COMPLETED and job.attempts == 2
     redone = {name for kind, name in log[after_loss:] if kind == "called"}
     assert not redone & {s.name for s in STEPS if s.artifact in landed}
     _inputs_committed_first(log)

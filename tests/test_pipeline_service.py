@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from adapters.constants import RUNNING
 from adapters.local_queue import LocalQueue
-from adapters.ports import StoreUnavailable
 from adapters.saq_queue import SaqQueue
 from adapters.sqlite_store import SqliteStore
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
+from pipeline.delivery import run_job
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.graph import LLM_STEPS, STEPS
+from pipeline.model import StoreUnavailable
 from pipeline.offline import OfflineProvider
 from pipeline.request import RequestInvalid
-from pipeline.runner import run_job
 from pipeline.service import JobService
+from pipeline.vocabulary import JobStatus
 from tests.support.service import free_port
 
 BODY = {"project_title": "Acme", "elevator_pitch": "Robots fold hotel laundry.", "language": "en"}
@@ -202,4 +202,4 @@ async def test_a_job_running_when_the_local_worker_stops_is_handed_back(tmp_path
         stored = await container.store.get(job.id)
     finally:
         await container.close()
-    assert stored is not None and stored.status == RUNNING and stored.handoffs == 1
+    assert stored is not None and stored.status == JobStatus.RUNNING and stored.handoffs == 1

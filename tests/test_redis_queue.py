@@ -14,13 +14,13 @@ from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.utils import now
 
-from adapters.constants import FAILED, RUNNING
-from adapters.ports import Job, StoreUnavailable
 from adapters.redis_store import RedisStore
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
 from handlers.saq_worker import run_job
 from pipeline.deps import Deps
+from pipeline.model import Job, StoreUnavailable
 from pipeline.offline import OfflineProvider
+from pipeline.vocabulary import JobStatus
 from tests.support.redis_server import free_port, redis_url, unique_prefix
 
 
@@ -191,7 +191,7 @@ async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: Saq
 
     class HeldElsewhere:
         async def run(self, job_id: str) -> Job:
-            return Job(id=job_id, tenant="t", request={}, status=RUNNING, attempts=1)
+            return Job(id=job_id, tenant="t", request={}, status=JobStatus.RUNNING, attempts=1)
 
     await one_delivery(queue, HeldElsewhere())
     stored = await queue.saq.job(job_id)
@@ -287,7 +287,7 @@ async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queu
         ended = await store.get(job.id)
     finally:
         await store.close()
-    assert ended is not None and ended.status == FAILED, ended
+    assert ended is not None and ended.status == JobStatus.FAILED, ended
     assert ended.error is not None and ended.error["code"] == "worker_lost"
 
 

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from adapters.constants import CANCELLED, COMPLETED, QUEUED, RUNNING
-from adapters.ports import Artifact, Job, StoreUnavailable
 from adapters.redis_store import RedisStore
 from adapters.saq_queue import SaqQueue
+from pipeline.model import Artifact, Job, StoreUnavailable
+from pipeline.vocabulary import JobStatus
 from tests.support.redis_server import (
     RedisServer,
     free_port,
@@ -58,9 +58,9 @@ async def test_updates_of_different_fields_do_not_lose_each_other(store: RedisSt
     """Racing updates of different fields (same status) both land: the merge is atomic."""
     job, _ = await store.create(_job())
     await asyncio.gather(
-        *(store.update(job.id, expect={QUEUED}, progress={"n": n}) for n in range(10)),
-        store.update(job.id, expect={QUEUED}, steps={"input": "completed"}),
-        store.update(job.id, expect={QUEUED}, attempts=2),
+        *(store.update(job.id, expect={JobStatus.QUEUED}, progress={"n": n}) for n in range(10)),
+        store.update(job.id, expect={JobStatus.QUEUED}, steps={"input": "completed"}),
+        store.update(job.id, expect={JobStatus.QUEUED}, attempts=2),
     )
     got = await store.get(job.id)
     assert got is not None
@@ -71,10 +71,10 @@ async def test_empty_lists_and_nested_values_survive_an_update(store: RedisStore
     """JSON values (empty lists, nested dicts, None) read back exactly after a CAS update."""
     job, _ = await store.create(_job())
     result = {"success": True, "data": {"bullets": [], "nested": {"x": [1, {}]}}, "meta": None}
-    updated = await store.update(job.id, expect={QUEUED}, status=COMPLETED, result=result)
+    updated = await store.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.COMPLETED, result=result)
     assert updated is not None and updated.result == result
     again = await store.get(job.id)
-    assert again is not None and again.result == result and again.status == COMPLETED
+    assert again is not None and again.result == result and again.status == JobStatus.COMPLETED
 
 
 async def test_exactly_one_of_many_racing_transitions_wins(store: RedisStore) -> None:
@@ -83,7 +83,9 @@ async def test_exactly_one_of_many_racing_transitions_wins(store: RedisStore) ->
     job, _ = await store.create(_job())
     results = await asyncio.gather(
         *(
-            (store if n % 2 else other).update(job.id, expect={QUEUED}, status=RUNNING, attempts=n)
+            (store if n % 2 else other).update(
+                job.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING, attempts=n
+            )
             for n in range(20)
         )
     )
@@ -162,18 +164,18 @@ async def test_list_filters_by_status_and_pages_all_tenants(store: RedisStore) -
         job.created_at += n
         ids.append((await store.create(job))[0].id)
     for job_id in ids[::2]:
-        await store.update(job_id, status=RUNNING)
+        await store.update(job_id, status=JobStatus.RUNNING)
     seen: list[str] = []
     cursor = None
     while True:
-        page, cursor = await store.list_jobs(None, status=RUNNING, limit=2, cursor=cursor)
+        page, cursor = await store.list_jobs(None, status=JobStatus.RUNNING, limit=2, cursor=cursor)
         seen += [j.id for j in page]
         if cursor is None:
             break
     assert seen == ids[::2][::-1]
-    tenant0, _ = await store.list_jobs("tenant0", status=QUEUED, limit=50)
+    tenant0, _ = await store.list_jobs("tenant0", status=JobStatus.QUEUED, limit=50)
     assert [j.id for j in tenant0] == []
-    tenant1, _ = await store.list_jobs("tenant1", status=QUEUED, limit=50)
+    tenant1, _ = await store.list_jobs("tenant1", status=JobStatus.QUEUED, limit=50)
     assert [j.id for j in tenant1] == [ids[5], ids[3], ids[1]]
 
 
@@ -211,7 +213,7 @@ async def test_every_key_of_a_job_expires_and_updates_refresh_it(
     for key in per_job:
         assert 0 < await raw.ttl(key) <= 3600, key
     await raw.expire(f"{store.prefix}:artifacts:{job.id}", 10)
-    await store.update(job.id, status=RUNNING)
+    await store.update(job.id, status=JobStatus.RUNNING)
     assert await raw.ttl(f"{store.prefix}:artifacts:{job.id}") > 3000
 
 
@@ -220,10 +222,10 @@ async def test_counts_follow_transitions_and_drop_expired_jobs(raw: aioredis.Red
     store = RedisStore(redis_url(), prefix=unique_prefix(), ttl_s=1)
     first, _ = await store.create(_job())
     second, _ = await store.create(_job())
-    await store.update(first.id, expect={QUEUED}, status=RUNNING)
-    await store.update(second.id, expect={QUEUED}, status=CANCELLED)
+    await store.update(first.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING)
+    await store.update(second.id, expect={JobStatus.QUEUED}, status=JobStatus.CANCELLED)
     counts = await store.count_by_status()
-    assert (counts[QUEUED], counts[RUNNING], counts[CANCELLED]) == (0, 1, 1)
+    assert (counts[JobStatus.QUEUED], counts[JobStatus.RUNNING], counts[JobStatus.CANCELLED]) == (0, 1, 1)
     await raw.pexpire(f"{store.prefix}:job:{first.id}", 1)
     await raw.pexpire(f"{store.prefix}:job:{second.id}", 1)
     await asyncio.sleep(1.1)  # expired, and old enough (> TTL) to be pruned from the indexes
@@ -287,7 +289,7 @@ async def test_store_recovers_after_redis_restarts(own_redis: RedisServer) -> No
     own_redis.resume()
     await _until_ping_ok(store)
     await store.create(_job())
-    assert (await store.count_by_status())[QUEUED] >= 1
+    assert (await store.count_by_status())[JobStatus.QUEUED] >= 1
     await store.close()
 
 
@@ -342,14 +344,21 @@ async def test_batched_writes_survive_a_script_cache_flush(own_redis: RedisServe
         await raw.script_flush()
         moved = await asyncio.gather(
             *(
-                store.update(job.id, expect={QUEUED} if n % 2 else {RUNNING}, status=RUNNING)
+                store.update(
+                    job.id,
+                    expect={JobStatus.QUEUED} if n % 2 else {JobStatus.RUNNING},
+                    status=JobStatus.RUNNING,
+                )
                 for n, job in enumerate(jobs)
             )
         )
         assert [m is not None for m in moved] == [n % 2 == 1 for n in range(20)]
         await raw.script_flush()
         held = await store.commit(
-            jobs[1].id, expect={RUNNING}, events=[("status", {"n": 1})], artifacts=[_artifact("brief")]
+            jobs[1].id,
+            expect={JobStatus.RUNNING},
+            events=[("status", {"n": 1})],
+            artifacts=[_artifact("brief")],
         )
         assert held
         assert [e.data for e in await store.read_events(jobs[1].id)] == [{"n": 1}]

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from adapters.constants import QUEUED
-from adapters.ports import Artifact, Job
 from adapters.sqlite_store import SqliteStore
+from pipeline.model import Artifact, Job
+from pipeline.vocabulary import JobStatus
 
 
 class _SlowEvents(SqliteStore):
@@ -68,5 +68,5 @@ async def test_a_failed_commit_leaves_nothing_for_the_next_write_to_store(
     job, _ = await on_file.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
     with pytest.raises(TypeError):
         await on_file.commit(job.id, artifacts=[_artifact("brief")], traces=[{"not json": object()}])
-    assert await on_file.update(job.id, expect={QUEUED}, progress={"percentage": 7})
+    assert await on_file.update(job.id, expect={JobStatus.QUEUED}, progress={"percentage": 7})
     assert await on_file.list_artifacts(job.id) == []

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters.constants import CANCELLED, QUEUED, RUNNING
-from adapters.ports import Artifact, Job, JobStore
 from adapters.sqlite_store import SqliteStore
+from pipeline.model import Artifact, Job
+from pipeline.ports import JobStore
+from pipeline.vocabulary import JobStatus
 
 
 def _support(name: str) -> bool:
@@ -89,20 +90,20 @@ async def test_idempotency_key_returns_the_first_job_per_tenant(store: JobStore)
 async def test_update_is_a_compare_and_set_on_status(store: JobStore) -> None:
     """An update whose expected status does not match changes nothing."""
     job, _ = await store.create(_job())
-    assert await store.update(job.id, expect={RUNNING}, status=CANCELLED) is None
-    moved = await store.update(job.id, expect={QUEUED}, status=RUNNING, attempts=1)
-    assert moved is not None and moved.status == RUNNING and moved.attempts == 1
+    assert await store.update(job.id, expect={JobStatus.RUNNING}, status=JobStatus.CANCELLED) is None
+    moved = await store.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING, attempts=1)
+    assert moved is not None and moved.status == JobStatus.RUNNING and moved.attempts == 1
     again = await store.get(job.id)
-    assert again is not None and again.status == RUNNING
-    assert await store.update("missing", status=RUNNING) is None
+    assert again is not None and again.status == JobStatus.RUNNING
+    assert await store.update("missing", status=JobStatus.RUNNING) is None
 
 
 async def test_concurrent_cas_lets_exactly_one_writer_win(store: JobStore) -> None:
     """Two racing transitions out of 'queued': one wins, one sees None."""
     job, _ = await store.create(_job())
     results = await asyncio.gather(
-        store.update(job.id, expect={QUEUED}, status=RUNNING),
-        store.update(job.id, expect={QUEUED}, status=CANCELLED),
+        store.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING),
+        store.update(job.id, expect={JobStatus.QUEUED}, status=JobStatus.CANCELLED),
     )
     assert sum(r is not None for r in results) == 1
 
@@ -168,12 +169,17 @@ async def test_update_appends_its_events_only_when_it_holds(store: JobStore) -> 
     """Events given to update are appended after the change, with the next ids, and only
     when the compare-and-set held."""
     job, _ = await store.create(_job(), events=[("status", {"n": 0})])
-    failed = await store.update(job.id, expect={RUNNING}, events=[("status", {"n": -1})], attempts=9)
+    failed = await store.update(
+        job.id, expect={JobStatus.RUNNING}, events=[("status", {"n": -1})], attempts=9
+    )
     assert failed is None
     moved = await store.update(
-        job.id, expect={QUEUED}, events=[("status", {"n": 1}), ("error", {"n": 2})], status=RUNNING
+        job.id,
+        expect={JobStatus.QUEUED},
+        events=[("status", {"n": 1}), ("error", {"n": 2})],
+        status=JobStatus.RUNNING,
     )
-    assert moved is not None and moved.status == RUNNING
+    assert moved is not None and moved.status == JobStatus.RUNNING
     events = await store.read_events(job.id)
     assert [(e.id, e.type, e.data["n"]) for e in events] == [
         (1, "status", 0), (2, "status", 1), (3, "error", 2)
@@ -199,7 +205,7 @@ async def test_commit_stores_everything_and_gates_job_and_events_on_the_status(
     key = uuid.uuid4().hex
     held = await store.commit(
         job.id,
-        expect={QUEUED},
+        expect={JobStatus.QUEUED},
         changes={"progress": {"percentage": 7}, "steps": {"input": "completed"}},
         events=[("artifact_written", {"name": "pitch"}), ("status", {"n": 1})],
         artifacts=[_artifact("pitch"), _artifact("brief")],
@@ -209,7 +215,7 @@ async def test_commit_stores_everything_and_gates_job_and_events_on_the_status(
     assert held
     stored = await store.get(job.id)
     assert stored is not None and stored.progress == {"percentage": 7}
-    assert stored.steps == {"input": "completed"} and stored.status == QUEUED
+    assert stored.steps == {"input": "completed"} and stored.status == JobStatus.QUEUED
     assert [a.name for a in await store.list_artifacts(job.id)] == ["pitch", "brief"]
     cached = await store.cache_get(key)
     assert cached is not None and cached.name == "brief"
@@ -218,7 +224,7 @@ async def test_commit_stores_everything_and_gates_job_and_events_on_the_status(
 
     lost = await store.commit(
         job.id,
-        expect={RUNNING},
+        expect={JobStatus.RUNNING},
         changes={"progress": {"percentage": 50}},
         events=[("status", {"n": 2})],
         artifacts=[_artifact("sources")],
@@ -236,15 +242,17 @@ async def test_writes_of_an_earlier_delivery_change_nothing(store: JobStore) -> 
     """Once a later delivery has counted its attempt, a commit or update made for the
     earlier attempt writes nothing at all: no artifact, cache entry, trace, event or change."""
     job, _ = await store.create(_job())
-    taken = await store.update(job.id, expect={QUEUED}, expect_attempts=0, status=RUNNING, attempts=1)
+    taken = await store.update(
+        job.id, expect={JobStatus.QUEUED}, expect_attempts=0, status=JobStatus.RUNNING, attempts=1
+    )
     assert taken is not None and taken.attempts == 1
-    assert await store.update(job.id, expect={RUNNING}, expect_attempts=0, attempts=1) is None
-    again = await store.update(job.id, expect={RUNNING}, expect_attempts=1, attempts=2)
+    assert await store.update(job.id, expect={JobStatus.RUNNING}, expect_attempts=0, attempts=1) is None
+    again = await store.update(job.id, expect={JobStatus.RUNNING}, expect_attempts=1, attempts=2)
     assert again is not None and again.attempts == 2
     key = uuid.uuid4().hex
     stale = await store.commit(
         job.id,
-        expect={RUNNING},
+        expect={JobStatus.RUNNING},
         expect_attempts=1,
         changes={"progress": {"percentage": 60}},
         events=[("status", {"n": 1})],
@@ -260,7 +268,7 @@ async def test_writes_of_an_earlier_delivery_change_nothing(store: JobStore) -> 
     assert await store.get_trace(job.id) == []
     assert await store.read_events(job.id) == []
     assert await store.commit(
-        job.id, expect={RUNNING}, expect_attempts=2, artifacts=[_artifact("brief")]
+        job.id, expect={JobStatus.RUNNING}, expect_attempts=2, artifacts=[_artifact("brief")]
     )
     assert [a.name for a in await store.list_artifacts(job.id)] == ["brief"]
 
@@ -301,10 +309,10 @@ async def test_counts_and_unfinished_follow_status_changes(store: JobStore) -> N
     before = await store.count_by_status()
     job, _ = await store.create(_job())
     assert job.id in await store.unfinished_job_ids()
-    await store.update(job.id, status=CANCELLED)
+    await store.update(job.id, status=JobStatus.CANCELLED)
     after = await store.count_by_status()
-    assert after[CANCELLED] == before[CANCELLED] + 1
-    assert after[QUEUED] == before[QUEUED]
+    assert after[JobStatus.CANCELLED] == before[JobStatus.CANCELLED] + 1
+    assert after[JobStatus.QUEUED] == before[JobStatus.QUEUED]
     assert job.id not in await store.unfinished_job_ids()
 
 

@@ -15,11 +15,11 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from adapters.local_queue import LocalQueue
-from adapters.ports import JSON, Job, StoreUnavailable
 from adapters.sqlite_store import SqliteStore
 from handlers.app import create_app
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
+from pipeline.model import JSON, Job, StoreUnavailable
 from tests.contract.helpers import body
 
 
