@@ -16,7 +16,7 @@ differs between the two measured columns:
 The **lower bound** is the exact optimum of this scheduling problem
 (P|prec|Cmax: 12 LLM steps with precedence, ``parallel_limit`` identical slots, code
 steps taking no time), found by exhaustive search in
-:func:`pipeline.graph.optimal_makespan`. It is not the textbook bound
+:func:`bench.makespan_bounds.optimal_makespan`. It is not the textbook bound
 ``max(critical path, total work / slots)``: with equal latencies L that bound says
 6L at two slots, but the optimum is 7L, because ``investor_score`` needs all nine
 sections and so always runs alone at the end, leaving a slot idle.
@@ -181,7 +181,7 @@ def table(rows: list[dict[str, object]], latency_ms: float, repeat: int) -> str:
     lines += [
         "",
         "The lower bound is the exact optimum for 12 LLM steps with their precedence and",
-        "`parallel_limit` slots (exhaustive search, `pipeline.graph.optimal_makespan`); the",
+        "`parallel_limit` slots (exhaustive search, `bench/makespan_bounds.py:optimal_makespan`); the",
         "textbook `max(critical path, work / slots)` is lower than reachable at limit 2",
         "(6 vs 7 call times) because `investor_score` always runs alone at the end.",
         "The sliding window ranks ready steps by the longest remaining chain weighted by the",
