@@ -1,8 +1,8 @@
 """The 15 pipeline steps as data (SPEC §5), and what the graph implies for scheduling.
 
-Everything that orders or bounds work derives from :data:`STEPS`: the runner's
-critical-path priority, the progress display names, and the makespan lower bound
-the benchmark compares against.
+Everything that orders work derives from :data:`STEPS`: the scheduler's
+critical-path priority and the progress display names (and, in ``bench/``, the
+makespan bound the scheduling benchmark compares against).
 """
 
 from __future__ import annotations

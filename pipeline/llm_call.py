@@ -15,7 +15,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from pipeline.deps import Deps, PipelineConfig
-from pipeline.model import JSON, LLMError, LLMRequest, now_ms
+from pipeline.model import LLMError, LLMRequest, TraceRecord, now_ms
 from pipeline.prompts import render, repair_prompt
 from pipeline.schemas import InvalidOutput, json_schema, parse_output, schema_name
 from pipeline.vocabulary import ErrorCode
@@ -37,7 +37,7 @@ class StepCall:
     input_hashes: dict[str, str] = field(default_factory=dict)
     """Artifact name -> content hash of ``inputs``, when known (prompt rendering reuses
     the text of an artifact it has rendered before)."""
-    trace: Callable[[JSON], None] | None = None
+    trace: Callable[[TraceRecord], None] | None = None
     """Where trace records go; ``None`` writes each to the store at once. The runner
     collects them and stores them with the step's artifact, in one round trip. A call
     aborted from outside is recorded only here: its task is being cancelled, and a
@@ -75,7 +75,7 @@ async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
     await deps.store.add_trace(job_id, cache_hit_record(deps, step))
 
 
-def cache_hit_record(deps: Deps, step: str) -> JSON:
+def cache_hit_record(deps: Deps, step: str) -> TraceRecord:
     """The trace record of a step served from the cache."""
     model = deps.config.model_for(step)
     return {
@@ -107,7 +107,7 @@ class _Caller:
         else:
             await self.deps.store.add_trace(self.call.job_id, record)
 
-    def _record(self, kind: str, outcome: str, started: float, **extra: Any) -> JSON:
+    def _record(self, kind: str, outcome: str, started: float, **extra: Any) -> TraceRecord:
         prompt_tokens = int(extra.pop("prompt_tokens", 0))
         completion_tokens = int(extra.pop("completion_tokens", 0))
         model = self.deps.config.model_for(self.call.step)

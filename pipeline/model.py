@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypedDict
+from typing import Any
 
 from pipeline.vocabulary import ACTIVE_STATUSES, JobStatus
 
@@ -181,7 +181,7 @@ class Commit:
     events: tuple[tuple[str, JSON], ...] = ()
     artifacts: tuple[Artifact, ...] = ()
     cache: tuple[tuple[str, Artifact], ...] = ()
-    traces: tuple[JSON, ...] = ()
+    traces: tuple[TraceRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,22 +236,11 @@ class LLMError(Exception):
 
 
 
-class TraceRecord(TypedDict, total=False):
-    """One entry of a job's LLM trace (``GET /api/jobs/{id}/trace``): an LLM call, or
-    a step served from the cache (``cache_hit``)."""
-
-    step: str
-    provider: str
-    model: str
-    attempt: int
-    kind: str
-    cache_hit: bool
-    prompt_tokens: int
-    completion_tokens: int
-    duration_ms: float
-    outcome: str
-    """``ok``, an error code, or ``aborted`` (a call stopped from outside)."""
-    error: str
-    cost_usd: float | None
-    ts: int
-    """Epoch milliseconds of the record."""
+TraceRecord = dict[str, Any]
+"""One entry of a job's LLM trace (``GET /api/jobs/{id}/trace``): an LLM call or a
+step served from the cache. Keys: ``step``, ``provider``, ``model``, ``attempt``,
+``kind`` (``call``, ``repair``, ``cache``), ``cache_hit``, ``prompt_tokens`` and
+``completion_tokens`` (as the provider reported them), ``duration_ms``, ``outcome``
+(``ok``, an error code, or ``aborted`` for a call stopped from outside), ``error``,
+``cost_usd`` (``None`` without ``LLM_PRICES``) and ``ts`` (epoch milliseconds). A
+plain dict, as stores keep and the API returns it."""

@@ -21,6 +21,7 @@ from pipeline.model import (
     Job,
     LLMReply,
     LLMRequest,
+    TraceRecord,
     check_artifact_name,
     check_job_changes,
     make_expect,
@@ -132,10 +133,10 @@ class JobStore(ABC):
         ``wait_s`` for the next one (without a busy loop where the backend can)."""
         return await self._read_events(job_id, after, max(0.0, wait_s))
 
-    async def add_trace(self, job_id: str, record: JSON) -> None:
+    async def add_trace(self, job_id: str, record: TraceRecord) -> None:
         await self._add_trace(job_id, record)
 
-    async def get_trace(self, job_id: str) -> list[JSON]:
+    async def get_trace(self, job_id: str) -> list[TraceRecord]:
         return await self._get_trace(job_id)
 
     # -- cancellation -----------------------------------------------------
@@ -167,7 +168,7 @@ class JobStore(ABC):
         events: Sequence[tuple[str, JSON]] = (),
         artifacts: Sequence[Artifact] = (),
         cache: Sequence[tuple[str, Artifact]] = (),
-        traces: Sequence[JSON] = (),
+        traces: Sequence[TraceRecord] = (),
     ) -> bool:
         """Write what a step produced together, in one round trip where the backend
         can, in this order: ``artifacts`` of the job, step ``cache`` entries
@@ -241,9 +242,9 @@ class JobStore(ABC):
     @abstractmethod
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]: ...
     @abstractmethod
-    async def _add_trace(self, job_id: str, record: JSON) -> None: ...
+    async def _add_trace(self, job_id: str, record: TraceRecord) -> None: ...
     @abstractmethod
-    async def _get_trace(self, job_id: str) -> list[JSON]: ...
+    async def _get_trace(self, job_id: str) -> list[TraceRecord]: ...
     @abstractmethod
     async def _request_cancel(self, job_id: str) -> None: ...
     @abstractmethod
