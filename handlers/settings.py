@@ -1,63 +1,71 @@
 """Configuration from the environment, read once into a typed object (SPEC §3).
 
-A bad value raises :class:`SettingsError` whose message is one line naming the
-variable; entry points print it and exit.
+``Settings`` is a ``pydantic-settings`` model: each field is the upper-case
+variable of its name (``port`` <- ``PORT``) unless it names another one, values are
+stripped and a blank variable means the default. A bad value raises
+:class:`SettingsError` whose message is one line naming the variable; entry
+points print it and exit.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
+
+import annotated_types
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AliasGenerator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from adapters.constants import KEY_PREFIX
 
 LLM_PROVIDERS = ("offline", "openai", "anthropic")
+DEFAULT_MODELS = {"offline": "offline", "openai": "gpt-5.4-mini", "anthropic": "claude-sonnet-5-5"}
+STEP_MODEL_PREFIX = "LLM_MODEL_"
+DEFAULT_STORE_URL = "sqlite:///./data/jobq.db"
+DEFAULT_QUEUE_URL = "memory://"
 
 
 class SettingsError(ValueError):
     """One line naming the variable and what is wrong with it."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} must be between {lo} and {hi}")
-    return value
+# -- value parsers (a validator raising SettingsError words the whole message) -------------------
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise SettingsError(f"{name}={value} must be between {lo} and {hi}")
-    return value
+def _url(*schemes: str) -> AfterValidator:
+    def check(raw: str | None) -> str | None:
+        if raw is not None and urlparse(raw).scheme not in schemes:
+            raise ValueError(f"scheme must be one of {', '.join(schemes)}")
+        return raw
+
+    return AfterValidator(check)
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+def _lower(raw: object) -> object:
+    return raw.lower() if isinstance(raw, str) else raw
 
 
-def _api_keys(raw: str) -> dict[str, str]:
+def _api_keys(raw: object) -> object:
+    if not isinstance(raw, str):
+        return raw
     keys: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         key, sep, tenant = item.partition(":")
@@ -67,69 +75,154 @@ def _api_keys(raw: str) -> dict[str, str]:
     return keys
 
 
-def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    scheme = urlparse(raw).scheme
-    if scheme not in schemes:
-        raise SettingsError(f"{name}={raw!r}: scheme must be one of {', '.join(schemes)}")
-    return raw
+def _comma_list(raw: object) -> object:
+    if not isinstance(raw, str):
+        return raw
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-@dataclass(frozen=True)
-class Settings:
-    backend: str = "local"
+def _prices(raw: object) -> object:
+    """``LLM_PRICES=model:prompt_usd_per_1k:completion_usd_per_1k,...``"""
+    if not isinstance(raw, str):
+        return raw
+    prices: dict[str, tuple[float, float]] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        parts = item.rsplit(":", 2)
+        try:
+            prices[parts[0]] = (float(parts[1]), float(parts[2]))
+        except (IndexError, ValueError):
+            raise SettingsError(
+                "LLM_PRICES must look like 'model:0.15:0.6,model2:3:15' (USD per 1k tokens)"
+            ) from None
+    return prices
+
+
+# -- field markers ------------------------------------------------------------------------------
+
+RedisUrl = Annotated[str | None, _url("redis", "rediss")]
+HttpUrl = Annotated[str | None, _url("http", "https")]
+LowerCase = BeforeValidator(_lower)
+
+
+def _derived(field: FieldInfo) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("derived"))
+
+
+DERIVED = Field(json_schema_extra={"derived": True})
+"""Marks a field computed from others, never read from a variable of its own name."""
+
+
+def Variable(*names: str) -> Any:
+    """Read from ``names`` (the first one set) instead of the field's upper-case name."""
+    return Field(validation_alias=AliasChoices(*names) if len(names) > 1 else names[0])
+
+
+def Between(lo: float, hi: float) -> Any:
+    """A number from ``lo`` to ``hi``, both included."""
+    return Field(ge=lo, le=hi)
+
+
+# -- the environment as a settings source ------------------------------------------------------
+
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("jobq_settings_environ", default=None)
+"""The mapping ``Settings.from_env(env)`` reads instead of ``os.environ``."""
+
+
+class _Environment(EnvSettingsSource):
+    """``EnvSettingsSource`` over a given mapping: values stripped, blank ones dropped
+    (a blank variable means the default); ``LLM_MODEL_<STEP>`` variables collected into
+    ``llm_step_models``; fields marked ``derived`` never read from the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {name: value.strip() for name, value in environ.items() if value.strip()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if _derived(field):
+            return None, field_name, False
+        return super().get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        steps = {
+            name[len(STEP_MODEL_PREFIX) :].lower(): value
+            for name, value in self.env_vars.items()
+            if name.startswith(STEP_MODEL_PREFIX) and value is not None
+        }
+        if steps:
+            data["LLM_STEP_MODELS"] = steps
+        return data
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        case_sensitive=True,
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+    )
+
+    backend: Annotated[Literal["local", "redis", "aws"], DERIVED] = "local"
     """local | redis | aws, derived from the URLs below."""
-    store_url: str = "sqlite:///./data/jobq.db"
-    queue_url: str = "memory://"
-    redis_url: str | None = None
-    key_prefix: str = KEY_PREFIX
-    aws_endpoint_url: str | None = None
-    aws_region: str = "us-east-1"
+    store_url: Annotated[
+        str, Variable("JOBS_STORE_URL"), _url("memory", "sqlite", "redis", "rediss", "s3")
+    ] = DEFAULT_STORE_URL
+    queue_url: Annotated[str, Variable("JOBS_QUEUE_URL"), _url("memory", "redis", "rediss", "sqs")] = (
+        DEFAULT_QUEUE_URL
+    )
+    redis_url: Annotated[RedisUrl, Variable("REDIS_URL", "REDISCLOUD_URL")] = None
+    key_prefix: Annotated[str, Variable("JOBS_KEY_PREFIX")] = KEY_PREFIX
+    aws_endpoint_url: HttpUrl = None
+    aws_region: Annotated[str, Variable("AWS_REGION", "AWS_DEFAULT_REGION")] = "us-east-1"
 
-    llm_provider: str = "offline"
+    llm_provider: Annotated[Literal["offline", "openai", "anthropic"], LowerCase] = "offline"
+    """By which key is set when ``LLM_PROVIDER`` is not."""
     llm_default_model: str = "offline"
-    llm_step_models: dict[str, str] = field(default_factory=dict)
+    """Per provider when not set."""
+    llm_step_models: Annotated[dict[str, str], DERIVED] = Field(default_factory=dict)
+    """From ``LLM_MODEL_<STEP>``."""
     openai_api_key: str | None = None
-    openai_base_url: str | None = None
-    openai_json_mode: str = "json_schema"
+    openai_base_url: HttpUrl = None
+    openai_json_mode: Literal["json_schema", "json_object"] = "json_schema"
     anthropic_api_key: str | None = None
-    anthropic_base_url: str | None = None
-    llm_offline_latency_ms: float = 0.0
-    llm_timeout_s: float = 120.0
-    llm_max_retries: int = 6
-    llm_rpm: int = 0
-    llm_tpm: int = 0
-    llm_prices: dict[str, tuple[float, float]] = field(default_factory=dict)
+    anthropic_base_url: HttpUrl = None
+    llm_offline_latency_ms: Annotated[float, Between(0.0, 600_000.0)] = 0.0
+    llm_timeout_s: Annotated[float, Between(0.1, 3600.0)] = 120.0
+    llm_max_retries: Annotated[int, Between(0, 50)] = 6
+    llm_rpm: Annotated[int, Between(0, 10_000_000)] = 0
+    llm_tpm: Annotated[int, Between(0, 1_000_000_000)] = 0
+    llm_prices: Annotated[dict[str, tuple[float, float]], NoDecode, BeforeValidator(_prices)] = Field(
+        default_factory=dict
+    )
 
-    api_keys: dict[str, str] = field(default_factory=dict)
-    cors_origins: tuple[str, ...] = ()
-    job_ttl_s: int = 7 * 24 * 3600
-    job_max_attempts: int = 3
-    legacy_wait_s: float = 25.0
-    worker_concurrency: int = 4
-    submit_rate_per_min: int = 120
-    max_body_bytes: int = 1_000_000
-    sse_window_s: float = 0.0
+    api_keys: Annotated[dict[str, str], NoDecode, BeforeValidator(_api_keys)] = Field(default_factory=dict)
+    cors_origins: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
+    job_ttl_s: Annotated[int, Between(60, 366 * 24 * 3600)] = 7 * 24 * 3600
+    job_max_attempts: Annotated[int, Between(1, 100)] = 3
+    legacy_wait_s: Annotated[float, Between(0.0, 600.0)] = 25.0
+    worker_concurrency: Annotated[int, Between(1, 10_000)] = 4
+    """4 on the local backend, 50 otherwise, when not set."""
+    submit_rate_per_min: Annotated[int, Between(0, 1_000_000)] = 120
+    max_body_bytes: Annotated[int, Between(1024, 100_000_000)] = 1_000_000
+    sse_window_s: Annotated[float, Between(0.0, 28.0)] = 0.0
     """> 0 where the platform buffers responses (Lambda): the stream ends after this long."""
-    sse_heartbeat_s: float = 15.0
-    worker_grace_s: float = 25.0
+    sse_heartbeat_s: Annotated[float, Between(0.05, 300.0)] = 15.0
+    worker_grace_s: Annotated[float, Between(0.0, 3600.0)] = 25.0
     """SIGTERM: how long running jobs may finish before they are handed back."""
-    redis_max_connections: int = 128
-    saq_heartbeat_s: float = 20.0
-    saq_sweep_s: float = 10.0
-    saq_timeout_margin_s: float = 60.0
-    saq_sweep_abort_wait_s: float = 5.0
-    saq_worker_info_s: float = 10.0
-    sqs_visibility_timeout_s: int = 0
+    redis_max_connections: Annotated[int, Between(4, 100_000)] = 128
+    saq_heartbeat_s: Annotated[float, Between(1.0, 3600.0)] = 20.0
+    saq_sweep_s: Annotated[float, Between(1.0, 3600.0)] = 10.0
+    saq_timeout_margin_s: Annotated[float, Between(0.0, 86400.0)] = 60.0
+    saq_sweep_abort_wait_s: Annotated[float, Between(0.0, 60.0)] = 5.0
+    saq_worker_info_s: Annotated[float, Between(1.0, 3600.0)] = 10.0
+    sqs_visibility_timeout_s: Annotated[int, Between(0, 43200)] = 0
     """Dev worker only; 0 = the queue's own visibility timeout."""
-    sqs_batch_size: int = 1
-    sqs_wait_s: int = 5
-    sqs_retry_delay_s: float = 10.0
+    sqs_batch_size: Annotated[int, Between(1, 10)] = 1
+    sqs_wait_s: Annotated[int, Between(1, 20)] = 5
+    sqs_retry_delay_s: Annotated[float, Between(0.0, 900.0)] = 10.0
     host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
+    port: Annotated[int, Between(1, 65535)] = 8000
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], LowerCase] = "info"
     log_json: bool = False
 
     @property
@@ -138,17 +231,36 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        redis_url = _url(env, "REDIS_URL", ("redis", "rediss")) or _url(
-            env, "REDISCLOUD_URL", ("redis", "rediss")
-        )
-        store_url = _url(env, "JOBS_STORE_URL", ("memory", "sqlite", "redis", "rediss", "s3"))
-        queue_url = _url(env, "JOBS_QUEUE_URL", ("memory", "redis", "rediss", "sqs"))
-        if redis_url:
-            store_url = store_url or redis_url
-            queue_url = queue_url or redis_url
-        store_url = store_url or cls.store_url
-        queue_url = queue_url or cls.queue_url
+        """The settings of ``env`` (default: the process environment)."""
+        token = _ENVIRON.set(env)
+        try:
+            return cls()
+        except ValidationError as exc:
+            raise SettingsError(_one_line(exc, os.environ if env is None else env)) from None
+        finally:
+            _ENVIRON.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = _ENVIRON.get()
+        return init_settings, _Environment(settings_cls, os.environ if environ is None else environ)
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        """What one variable implies for others: the backend from the URLs (``REDIS_URL``
+        alone puts both on Redis), the provider from the key that is set, its model."""
+        given = self.model_fields_set
+        derived: dict[str, Any] = {}
+        redis_url = self.redis_url
+        store_url = self.store_url if "store_url" in given else redis_url or DEFAULT_STORE_URL
+        queue_url = self.queue_url if "queue_url" in given else redis_url or DEFAULT_QUEUE_URL
         store_scheme = urlparse(store_url).scheme
         queue_scheme = urlparse(queue_url).scheme
         if queue_scheme == "sqs" or store_scheme == "s3":
@@ -166,92 +278,92 @@ class Settings:
                     "JOBS_STORE_URL: the in-process queue needs a sqlite:// or memory:// store"
                 )
             backend = "local"
+        derived.update(backend=backend, store_url=store_url, queue_url=queue_url, redis_url=redis_url)
 
-        openai_key = env.get("OPENAI_API_KEY", "").strip() or None
-        anthropic_key = env.get("ANTHROPIC_API_KEY", "").strip() or None
-        openai_base = _url(env, "OPENAI_BASE_URL", ("http", "https"))
-        provider = env.get("LLM_PROVIDER", "").strip().lower()
-        if not provider:
-            provider = "openai" if openai_key or openai_base else "anthropic" if anthropic_key else "offline"
-        if provider not in LLM_PROVIDERS:
-            raise SettingsError(f"LLM_PROVIDER={provider!r} must be one of {', '.join(LLM_PROVIDERS)}")
-        if provider == "anthropic" and not anthropic_key:
+        provider = self.llm_provider
+        if "llm_provider" not in given:
+            provider = (
+                "openai"
+                if self.openai_api_key or self.openai_base_url
+                else "anthropic"
+                if self.anthropic_api_key
+                else "offline"
+            )
+        if provider == "anthropic" and not self.anthropic_api_key:
             raise SettingsError("ANTHROPIC_API_KEY is required with LLM_PROVIDER=anthropic")
-        if provider == "openai" and not (openai_key or openai_base):
+        if provider == "openai" and not (self.openai_api_key or self.openai_base_url):
             raise SettingsError("OPENAI_API_KEY (or OPENAI_BASE_URL) is required with LLM_PROVIDER=openai")
-        default_models = {"offline": "offline", "openai": "gpt-5.4-mini", "anthropic": "claude-sonnet-5-5"}
-        step_models = {
-            name[len("LLM_MODEL_"):].lower(): value.strip()
-            for name, value in env.items()
-            if name.startswith("LLM_MODEL_") and value.strip()
-        }
-        json_mode = env.get("OPENAI_JSON_MODE", "json_schema").strip() or "json_schema"
-        if json_mode not in ("json_schema", "json_object"):
-            raise SettingsError(f"OPENAI_JSON_MODE={json_mode!r} must be json_schema or json_object")
-        log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
-        if log_level not in ("debug", "info", "warning", "error"):
-            raise SettingsError(f"LOG_LEVEL={log_level!r} must be debug, info, warning or error")
-
-        return cls(
-            backend=backend,
-            store_url=store_url,
-            queue_url=queue_url,
-            redis_url=redis_url,
-            key_prefix=env.get("JOBS_KEY_PREFIX", KEY_PREFIX).strip() or KEY_PREFIX,
-            aws_endpoint_url=_url(env, "AWS_ENDPOINT_URL", ("http", "https")),
-            aws_region=env.get("AWS_REGION", env.get("AWS_DEFAULT_REGION", "us-east-1")).strip()
-            or "us-east-1",
-            llm_provider=provider,
-            llm_default_model=env.get("LLM_DEFAULT_MODEL", "").strip() or default_models[provider],
-            llm_step_models=step_models,
-            openai_api_key=openai_key,
-            openai_base_url=openai_base,
-            openai_json_mode=json_mode,
-            anthropic_api_key=anthropic_key,
-            anthropic_base_url=_url(env, "ANTHROPIC_BASE_URL", ("http", "https")),
-            llm_offline_latency_ms=_float(env, "LLM_OFFLINE_LATENCY_MS", 0.0, 0.0, 600_000.0),
-            llm_timeout_s=_float(env, "LLM_TIMEOUT_S", 120.0, 0.1, 3600.0),
-            llm_max_retries=_int(env, "LLM_MAX_RETRIES", 6, 0, 50),
-            llm_rpm=_int(env, "LLM_RPM", 0, 0, 10_000_000),
-            llm_tpm=_int(env, "LLM_TPM", 0, 0, 1_000_000_000),
-            llm_prices=_prices(env.get("LLM_PRICES", "")),
-            api_keys=_api_keys(env.get("API_KEYS", "")),
-            cors_origins=tuple(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
-            job_ttl_s=_int(env, "JOB_TTL_S", 7 * 24 * 3600, 60, 366 * 24 * 3600),
-            job_max_attempts=_int(env, "JOB_MAX_ATTEMPTS", 3, 1, 100),
-            legacy_wait_s=_float(env, "LEGACY_WAIT_S", 25.0, 0.0, 600.0),
-            worker_concurrency=_int(env, "WORKER_CONCURRENCY", 4 if backend == "local" else 50, 1, 10_000),
-            submit_rate_per_min=_int(env, "SUBMIT_RATE_PER_MIN", 120, 0, 1_000_000),
-            max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_000_000, 1024, 100_000_000),
-            sse_window_s=_float(env, "SSE_WINDOW_S", 0.0, 0.0, 28.0),
-            sse_heartbeat_s=_float(env, "SSE_HEARTBEAT_S", 15.0, 0.05, 300.0),
-            worker_grace_s=_float(env, "WORKER_GRACE_S", 25.0, 0.0, 3600.0),
-            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", 128, 4, 100_000),
-            saq_heartbeat_s=_float(env, "SAQ_HEARTBEAT_S", 20.0, 1.0, 3600.0),
-            saq_sweep_s=_float(env, "SAQ_SWEEP_S", 10.0, 1.0, 3600.0),
-            saq_timeout_margin_s=_float(env, "SAQ_TIMEOUT_MARGIN_S", 60.0, 0.0, 86400.0),
-            saq_sweep_abort_wait_s=_float(env, "SAQ_SWEEP_ABORT_WAIT_S", 5.0, 0.0, 60.0),
-            saq_worker_info_s=_float(env, "SAQ_WORKER_INFO_S", 10.0, 1.0, 3600.0),
-            sqs_visibility_timeout_s=_int(env, "SQS_VISIBILITY_TIMEOUT_S", 0, 0, 43200),
-            sqs_batch_size=_int(env, "SQS_BATCH_SIZE", 1, 1, 10),
-            sqs_wait_s=_int(env, "SQS_WAIT_S", 5, 1, 20),
-            sqs_retry_delay_s=_float(env, "SQS_RETRY_DELAY_S", 10.0, 0.0, 900.0),
-            host=env.get("HOST", "127.0.0.1").strip() or "127.0.0.1",
-            port=_int(env, "PORT", 8000, 1, 65535),
-            log_level=log_level,
-            log_json=_bool(env, "LOG_JSON", False),
-        )
+        derived["llm_provider"] = provider
+        if "llm_default_model" not in given:
+            derived["llm_default_model"] = DEFAULT_MODELS[provider]
+        if "worker_concurrency" not in given:
+            derived["worker_concurrency"] = 4 if backend == "local" else 50
+        # The model is frozen for everyone else; this validator is where it is built.
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+        return self
 
 
-def _prices(raw: str) -> dict[str, tuple[float, float]]:
-    """``LLM_PRICES=model:prompt_usd_per_1k:completion_usd_per_1k,...``"""
-    prices: dict[str, tuple[float, float]] = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        parts = item.rsplit(":", 2)
-        try:
-            prices[parts[0]] = (float(parts[1]), float(parts[2]))
-        except (IndexError, ValueError):
-            raise SettingsError(
-                "LLM_PRICES must look like 'model:0.15:0.6,model2:3:15' (USD per 1k tokens)"
-            ) from None
-    return prices
+# -- one line per bad value --------------------------------------------------------------------
+
+_KIND = {
+    "int_parsing": "is not an integer",
+    "int_from_float": "is not an integer",
+    "int_type": "is not an integer",
+    "float_parsing": "is not a number",
+    "float_type": "is not a number",
+    "bool_parsing": "is not a boolean (use true or false)",
+    "bool_type": "is not a boolean (use true or false)",
+}
+_RANGE = ("greater_than_equal", "less_than_equal", "greater_than", "less_than", "finite_number")
+
+
+def _one_line(exc: ValidationError, environ: Mapping[str, str]) -> str:
+    """The first error as ``VARIABLE=value <what is wrong>`` (or the validator's own words)."""
+    error = exc.errors(include_url=False)[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingsError):
+        return str(cause)
+    loc = error["loc"]
+    if not loc:
+        return " ".join(error["msg"].split())
+    field = _field(str(loc[0]))
+    variable = _variable(field, environ) if field else str(loc[0])
+    value = error.get("input")
+    kind = error["type"]
+    if kind in _KIND:
+        message = f"{variable}={value!r} {_KIND[kind]}"
+    elif kind in _RANGE:
+        lo, hi = _bounds(field)
+        message = f"{variable}={value} must be between {lo} and {hi}"
+    elif kind == "literal_error":
+        message = f"{variable}={value!r} must be {error['ctx']['expected']}"
+    elif kind == "value_error" and cause is not None:
+        message = f"{variable}={value!r}: {cause}"
+    else:
+        message = f"{variable}={value!r}: {error['msg']}"
+    return " ".join(message.split())
+
+
+def _names(field: FieldInfo) -> list[str]:
+    alias = field.validation_alias
+    return [str(a) for a in alias.choices] if isinstance(alias, AliasChoices) else [str(alias)]
+
+
+def _field(variable: str) -> FieldInfo | None:
+    """The field an error's location (its first variable name) belongs to."""
+    return next((f for f in Settings.model_fields.values() if variable in _names(f)), None)
+
+
+def _variable(field: FieldInfo, environ: Mapping[str, str]) -> str:
+    """The variable that was read: with two names (``REDIS_URL`` / ``REDISCLOUD_URL``),
+    the first one set."""
+    names = _names(field)
+    return next((name for name in names if environ.get(name, "").strip()), names[0])
+
+
+def _bounds(field: FieldInfo | None) -> tuple[object, object]:
+    metadata = field.metadata if field else []
+    lo = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    return lo, hi
