@@ -1,57 +1,40 @@
-"""In-process :class:`RateLimiter` for the local backend: requests and tokens per
-minute per model, as two token buckets that refill continuously.
+"""In-process :class:`RateLimiter` for the local and aws backends, on ``limits``'
+memory storage with the strategies :mod:`adapters.ratelimit_redis` uses in
+production, so a local run is limited the way a deployment is.
 
-A bucket holds up to one minute's budget (so a fresh limiter allows a burst of
-that size) and refills at ``limit / 60`` per second. ``acquire`` waits until both
-buckets hold enough, then takes from both; waiters of one model queue in FIFO
-order behind a lock, other models are not held up. A request larger than the
-whole minute's token budget is charged the full budget rather than waiting forever.
+Per model: requests per minute as a *moving window* (at most ``rpm`` requests in
+any ``window_s`` seconds) and tokens per minute as a *sliding window counter*.
+``acquire`` takes the request slot first, then the tokens; while a limit is
+exhausted it sleeps until the window frees room (re-checking at least every
+``MAX_SLEEP_S``). Waiters of one model queue in FIFO order behind a lock, other
+models are not held up. A request larger than the whole token budget is charged
+the full budget rather than waiting forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
-Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
+import structlog
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import (
+    MovingWindowRateLimiter,
+    RateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 
-_EPSILON_S = 1e-6
-"""Float rounding after an exact sleep must not cost another round."""
+log = structlog.get_logger("jobq.ratelimit")
 
-
-@dataclass
-class _Bucket:
-    per_minute: int
-    level: float
-    updated: float
-
-    def missing(self, amount: float, now: float) -> float:
-        """Seconds until ``amount`` fits (0 when it fits now), after refilling to ``now``."""
-        rate = self.per_minute / 60.0
-        self.level = min(float(self.per_minute), self.level + (now - self.updated) * rate)
-        self.updated = now
-        return max(0.0, (min(amount, self.per_minute) - self.level) / rate)
-
-    def take(self, amount: float) -> None:
-        self.level -= min(amount, self.per_minute)
-
-
-@dataclass
-class _ModelState:
-    requests: _Bucket | None
-    tokens: _Bucket | None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def charges(self, tokens: int) -> list[tuple[_Bucket, float]]:
-        pairs = ((self.requests, 1.0), (self.tokens, float(max(tokens, 0))))
-        return [(bucket, amount) for bucket, amount in pairs if bucket is not None]
+MIN_SLEEP_S = 0.01
+MAX_SLEEP_S = 1.0
 
 
 class MemoryRateLimiter:
-    """``rpm``/``tpm`` of 0 mean unlimited. ``per_model`` overrides both for a model."""
+    """``rpm``/``tpm`` of 0 mean unlimited. ``per_model`` overrides both for a model.
+    ``window_s`` is 60 in production (per minute); tests shorten it."""
 
     def __init__(
         self,
@@ -59,37 +42,45 @@ class MemoryRateLimiter:
         tpm: int = 0,
         *,
         per_model: Mapping[str, tuple[int, int]] | None = None,
-        clock: Clock = time.monotonic,
-        sleep: Sleep = asyncio.sleep,
+        window_s: int = 60,
     ) -> None:
         self._default = (rpm, tpm)
         self._per_model = dict(per_model or {})
-        self._clock = clock
-        self._sleep = sleep
-        self._models: dict[str, _ModelState] = {}
+        self._window_s = window_s
+        storage = MemoryStorage()
+        self._requests = MovingWindowRateLimiter(storage)
+        self._tokens = SlidingWindowCounterRateLimiter(storage)
+        self._items: dict[str, tuple[RateLimitItem | None, RateLimitItem | None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def acquire(self, model: str, tokens: int) -> None:
-        state = self._state(model)
-        charges = state.charges(tokens)
-        if not charges:
+        rpm_item, tpm_item = self._limits(model)
+        if rpm_item is None and tpm_item is None:
             return
-        async with state.lock:
-            while True:
-                now = self._clock()
-                wait = max(bucket.missing(amount, now) for bucket, amount in charges)
-                if wait <= _EPSILON_S:
-                    break
-                await self._sleep(wait)
-            for bucket, amount in charges:
-                bucket.take(amount)
+        lock = self._locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            if rpm_item is not None:
+                await _take(self._requests, rpm_item, model, 1)
+            if tpm_item is not None:
+                await _take(self._tokens, tpm_item, model, min(max(tokens, 1), tpm_item.amount))
 
-    def _state(self, model: str) -> _ModelState:
-        state = self._models.get(model)
-        if state is None:
+    def _limits(self, model: str) -> tuple[RateLimitItem | None, RateLimitItem | None]:
+        items = self._items.get(model)
+        if items is None:
             rpm, tpm = self._per_model.get(model, self._default)
-            now = self._clock()
-            state = self._models[model] = _ModelState(
-                requests=_Bucket(rpm, float(rpm), now) if rpm > 0 else None,
-                tokens=_Bucket(tpm, float(tpm), now) if tpm > 0 else None,
+            window = self._window_s
+            items = self._items[model] = (
+                RateLimitItemPerSecond(rpm, window, namespace="rpm") if rpm > 0 else None,
+                RateLimitItemPerSecond(tpm, window, namespace="tpm") if tpm > 0 else None,
             )
-        return state
+        return items
+
+
+async def _take(limiter: RateLimiter, item: RateLimitItem, model: str, cost: int) -> None:
+    waited = False
+    while not await limiter.hit(item, model, cost=cost):
+        if not waited:
+            log.info("rate_limited", model=model, limit=item.namespace, cost=cost)
+            waited = True
+        reset_at, _remaining = await limiter.get_window_stats(item, model)
+        await asyncio.sleep(min(max(reset_at - time.time(), MIN_SLEEP_S), MAX_SLEEP_S))

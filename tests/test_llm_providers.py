@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field
 from adapters.llm_anthropic import AnthropicProvider
 from adapters.llm_errors import parse_retry_after
 from adapters.llm_openai import OpenAIProvider
-from adapters.ratelimit_memory import MemoryRateLimiter
 from pipeline.graph import LLM_STEPS
 from pipeline.model import LLMError, LLMReply, LLMRequest
 from pipeline.schemas import InvalidOutput, json_schema, parse_output
@@ -489,70 +488,3 @@ def test_failure_rate_is_seeded_and_plan_comes_first() -> None:
     assert first[0] == "401"
     assert {"ok", "429:retry_after=0.05", "500"} <= set(first[1:])
     assert outcomes(4) != first
-
-
-# -- in-memory rate limiter ---------------------------------------------------------------------
-
-
-class FakeClock:
-    """Time that moves only when the limiter sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-async def test_rate_limiter_requests_beyond_rpm_wait() -> None:
-    """With rpm=2 the third request waits half a minute (the refill of one request)."""
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(rpm=2, clock=clock, sleep=clock.sleep)
-    for _ in range(2):
-        await limiter.acquire("m", 10)
-    assert clock.sleeps == []
-    await limiter.acquire("m", 10)
-    assert clock.sleeps == [pytest.approx(30.0)]
-
-
-async def test_rate_limiter_tokens_per_minute_and_models_apart() -> None:
-    """tpm limits tokens per model; another model has its own budget; 0 means unlimited."""
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(tpm=600, per_model={"free": (0, 0)}, clock=clock, sleep=clock.sleep)
-    await limiter.acquire("a", 500)
-    await limiter.acquire("b", 600)
-    for _ in range(100):
-        await limiter.acquire("free", 10_000)
-    assert clock.sleeps == []
-    await limiter.acquire("a", 400)  # 100 left, 300 missing at 10 tokens/s
-    assert sum(clock.sleeps) == pytest.approx(30.0)
-
-
-async def test_rate_limiter_oversized_request_does_not_wait_forever() -> None:
-    """A request above the whole minute's token budget is charged the budget, not refused."""
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(tpm=100, clock=clock, sleep=clock.sleep)
-    await limiter.acquire("m", 5_000)
-    await limiter.acquire("m", 5_000)
-    assert sum(clock.sleeps) == pytest.approx(60.0)
-
-
-async def test_rate_limiter_concurrent_waiters_are_spaced() -> None:
-    """Concurrent acquirers beyond the budget are let through one refill apart."""
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(rpm=60, clock=clock, sleep=clock.sleep)
-    released: list[float] = []
-
-    async def one() -> None:
-        await limiter.acquire("m", 1)
-        released.append(clock.now)
-
-    await asyncio.gather(*(one() for _ in range(63)))
-    assert released[:60] == [1000.0] * 60
-    assert released[60:] == [pytest.approx(1001.0), pytest.approx(1002.0), pytest.approx(1003.0)]
