@@ -15,7 +15,6 @@ from typing import Any
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
-from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -23,7 +22,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from handlers.auth import SubmitRateLimiter
 from handlers.bootstrap import Container, bootstrap
-from handlers.http_common import InvalidBody, error_response
+from handlers.http_common import InvalidBody, dependencies, error_response
 from handlers.metrics import Metrics
 from handlers.routes_jobs import ROUTES as JOB_ROUTES
 from handlers.routes_ops import ROUTES as OPS_ROUTES
@@ -121,13 +120,7 @@ def create_app(container: Container | None = None) -> Litestar:
     return Litestar(
         route_handlers=[*JOB_ROUTES, *OPS_ROUTES],
         lifespan=[lifespan],
-        state=State(
-            {
-                "container": container,
-                "metrics": metrics,
-                "limiter": SubmitRateLimiter(settings.submit_rate_per_min),
-            }
-        ),
+        dependencies=dependencies(container, metrics, SubmitRateLimiter(settings.submit_rate_per_min)),
         exception_handlers={
             HTTPException: _http_error,
             RequestInvalid: _request_invalid,

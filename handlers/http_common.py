@@ -1,5 +1,6 @@
-"""Shared bits of the HTTP handlers: the container from app state, caller identity,
-the JSON body reader and the error body shape ``{"error": code, "message", ...}``."""
+"""Shared bits of the HTTP handlers: the app-wide objects they receive by dependency
+injection, caller identity, the JSON body reader and the error body shape
+``{"error": code, "message", ...}``."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import re
 from typing import Any
 
 from litestar import Request, Response
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, NotFoundException
+from litestar.params import SkipValidation
 
 from handlers.auth import SubmitRateLimiter, read_scope, resolve_tenant
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
+from handlers.settings import Settings
 from pipeline.model import ARTIFACT_NAME_RE
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
@@ -31,23 +35,31 @@ class UnsupportedMediaType(HTTPException):
     status_code = 415
 
 
-def container(request: Request[Any, Any, Any]) -> Container:
-    c: Container = request.app.state.container
-    return c
+# Handlers declare these by name; the objects are built once by ``create_app`` and are
+# trusted (no validation of the injected value).
+ContainerDep = NamedDependency[SkipValidation[Container]]
+MetricsDep = NamedDependency[SkipValidation[Metrics]]
+LimiterDep = NamedDependency[SkipValidation[SubmitRateLimiter]]
 
 
-def metrics(request: Request[Any, Any, Any]) -> Metrics:
-    m: Metrics = request.app.state.metrics
-    return m
+def dependencies(container: Container, metrics: Metrics, limiter: SubmitRateLimiter) -> dict[str, Provide]:
+    """The app-level ``dependencies`` of ``create_app``: one object each, for every request."""
+
+    def constant(value: object) -> Provide:
+        return Provide(lambda: value, use_cache=True, sync_to_thread=False)
+
+    return {"container": constant(container), "metrics": constant(metrics), "limiter": constant(limiter)}
 
 
-def tenant(request: Request[Any, Any, Any]) -> str:
-    return resolve_tenant(request, container(request).settings)
+# The caller's identity is no dependency: dependencies resolve before the handler's own
+# parameters are validated, so a 401 would then come before a 400 for a bad query.
+def tenant(request: Request[Any, Any, Any], settings: Settings) -> str:
+    return resolve_tenant(request, settings)
 
 
-def reader(request: Request[Any, Any, Any]) -> str | None:
+def reader(request: Request[Any, Any, Any], settings: Settings) -> str | None:
     """The tenant filter for reads (``None`` = all jobs, when auth is off)."""
-    return read_scope(container(request).settings, tenant(request))
+    return read_scope(settings, tenant(request, settings))
 
 
 def check_job_id(job_id: str) -> str:
@@ -63,8 +75,7 @@ def check_artifact(name: str) -> str:
     return name
 
 
-def rate_limit(request: Request[Any, Any, Any], caller: str) -> None:
-    limiter: SubmitRateLimiter = request.app.state.limiter
+def rate_limit(limiter: SubmitRateLimiter, caller: str) -> None:
     retry_after = limiter.check(caller)
     if retry_after is not None:
         raise TooManyRequests(

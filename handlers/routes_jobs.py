@@ -21,15 +21,20 @@ def job_location(job_id: str) -> str:
 
 
 @post("/api/jobs", status_code=202, summary="Create a job", tags=["jobs"])
-async def create_job(request: Request[Any, Any, Any]) -> Response[JSONDict]:
+async def create_job(
+    request: Request[Any, Any, Any],
+    container: h.ContainerDep,
+    metrics: h.MetricsDep,
+    limiter: h.LimiterDep,
+) -> Response[JSONDict]:
     """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
-    caller = h.tenant(request)
-    h.rate_limit(request, caller)
+    caller = h.tenant(request, container.settings)
+    h.rate_limit(limiter, caller)
     key = h.idempotency_key(request)
     body = await h.json_body(request)
-    job, created = await h.container(request).service.submit(body, caller, key)
+    job, created = await container.service.submit(body, caller, key)
     if created:
-        h.metrics(request).submitted.labels(endpoint="jobs").inc()
+        metrics.submitted.labels(endpoint="jobs").inc()
     message = "job accepted" if created else "job already exists for this Idempotency-Key"
     return Response(
         {"jobId": job.id, "status": job.status, "message": message},
@@ -41,6 +46,7 @@ async def create_job(request: Request[Any, Any, Any]) -> Response[JSONDict]:
 @get("/api/jobs", summary="List the caller's recent jobs", tags=["jobs"])
 async def list_jobs(
     request: Request[Any, Any, Any],
+    container: h.ContainerDep,
     status: FromQuery[str | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=200)] = 20,
     cursor: FromQuery[str | None] = None,
@@ -49,8 +55,9 @@ async def list_jobs(
         raise h.InvalidBody(
             "invalid query", extra=[{"field": "status", "message": f"one of {', '.join(STATUSES)}"}]
         )
+    scope = h.reader(request, container.settings)
     try:
-        page: JSONDict = await h.container(request).service.list(h.reader(request), status, limit, cursor)
+        page: JSONDict = await container.service.list(scope, status, limit, cursor)
     except ValueError:
         raise h.InvalidBody(
             "invalid query", extra=[{"field": "cursor", "message": "not a cursor this API issued"}]
@@ -59,8 +66,11 @@ async def list_jobs(
 
 
 @get("/api/jobs/{job_id:str}", summary="Job status", tags=["jobs"])
-async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
-    view = await h.container(request).service.view(h.check_job_id(job_id), h.reader(request))
+async def get_job(
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
+) -> JSONDict:
+    h.check_job_id(job_id)
+    view = await container.service.view(job_id, h.reader(request, container.settings))
     if view is None:
         raise NotFoundException("job not found")
     return view
@@ -69,34 +79,38 @@ async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSO
 @get("/api/jobs/{job_id:str}/stream", summary="Job events (Server-Sent Events)", tags=["jobs"])
 async def stream_job(
     request: Request[Any, Any, Any],
+    container: h.ContainerDep,
     job_id: FromPath[str],
     last_event_id_query: Annotated[str | None, QueryParameter(name="lastEventId")] = None,
 ) -> ServerSentEvent:
-    c = h.container(request)
-    scope = h.reader(request)
+    settings = container.settings
+    scope = h.reader(request, settings)
     h.check_job_id(job_id)
-    if await c.service.get(job_id, scope) is None:
+    if await container.service.get(job_id, scope) is None:
         raise NotFoundException("job not found")
 
     async def load_job() -> Any:
-        return await c.service.get(job_id, scope)
+        return await container.service.get(job_id, scope)
 
     after = last_event_id(request.headers.get("last-event-id"), last_event_id_query)
     return sse_response(
         job_events(
-            c.store,
+            container.store,
             job_id,
             after,
-            heartbeat_s=c.settings.sse_heartbeat_s,
-            window_s=c.settings.sse_window_s,
+            heartbeat_s=settings.sse_heartbeat_s,
+            window_s=settings.sse_window_s,
             load_job=load_job,
         )
     )
 
 
 @get("/api/jobs/{job_id:str}/artifacts", summary="Artifact metadata of a job", tags=["artifacts"])
-async def list_artifacts(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
-    items = await h.container(request).service.artifacts(h.check_job_id(job_id), h.reader(request))
+async def list_artifacts(
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
+) -> JSONDict:
+    h.check_job_id(job_id)
+    items = await container.service.artifacts(job_id, h.reader(request, container.settings))
     if items is None:
         raise NotFoundException("job not found")
     return {"jobId": job_id, "artifacts": items, "count": len(items)}
@@ -104,10 +118,11 @@ async def list_artifacts(request: Request[Any, Any, Any], job_id: FromPath[str])
 
 @get("/api/jobs/{job_id:str}/artifacts/{name:str}", summary="One artifact", tags=["artifacts"])
 async def get_artifact(
-    request: Request[Any, Any, Any], job_id: FromPath[str], name: FromPath[str]
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str], name: FromPath[str]
 ) -> JSONDict:
-    c = h.container(request)
-    item = await c.service.artifact(h.check_job_id(job_id), h.reader(request), h.check_artifact(name))
+    h.check_job_id(job_id)
+    scope = h.reader(request, container.settings)
+    item = await container.service.artifact(job_id, scope, h.check_artifact(name))
     if item is None:
         raise NotFoundException("artifact not found")
     result: JSONDict = item
@@ -115,9 +130,12 @@ async def get_artifact(
 
 
 @post("/api/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job", tags=["jobs"])
-async def cancel_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> Response[JSONDict]:
+async def cancel_job(
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
+) -> Response[JSONDict]:
     """Idempotent. Queued -> cancelled now; running -> the worker stops; finished -> unchanged."""
-    job = await h.container(request).service.cancel(h.check_job_id(job_id), h.reader(request))
+    h.check_job_id(job_id)
+    job = await container.service.cancel(job_id, h.reader(request, container.settings))
     if job is None:
         raise NotFoundException("job not found")
     finished = job.status in TERMINAL_STATUSES
@@ -135,8 +153,11 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> 
 
 
 @get("/api/jobs/{job_id:str}/trace", summary="Every LLM call of a job", tags=["jobs"])
-async def get_trace(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JSONDict:
-    trace = await h.container(request).service.trace(h.check_job_id(job_id), h.reader(request))
+async def get_trace(
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
+) -> JSONDict:
+    h.check_job_id(job_id)
+    trace = await container.service.trace(job_id, h.reader(request, container.settings))
     if trace is None:
         raise NotFoundException("job not found")
     result: JSONDict = trace

@@ -10,6 +10,9 @@ import structlog
 from litestar import MediaType, Request, Response, get, post
 
 from handlers import http_common as h
+from handlers.auth import SubmitRateLimiter
+from handlers.bootstrap import Container
+from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
 from pipeline.model import Job
 from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
@@ -19,9 +22,8 @@ HEALTH_TIMEOUT_S = 0.8
 log = structlog.get_logger("jobq.http")
 
 
-async def _health(request: Request[Any, Any, Any]) -> Response[JSONDict]:
+async def _health(c: Container) -> Response[JSONDict]:
     """Ping store and queue concurrently, bounded so a hung backend still gets an answer."""
-    c = h.container(request)
     body: JSONDict = {"backend": c.settings.backend, "queue": c.queue.name}
     try:
         async with asyncio.timeout(HEALTH_TIMEOUT_S):
@@ -37,33 +39,31 @@ async def _health(request: Request[Any, Any, Any]) -> Response[JSONDict]:
 
 
 @get("/api/jobs/health", summary="Liveness of store and queue", tags=["ops"])
-async def health(request: Request[Any, Any, Any]) -> Response[JSONDict]:
-    return await _health(request)
+async def health(container: h.ContainerDep) -> Response[JSONDict]:
+    return await _health(container)
 
 
 @get("/api/v2/health", summary="Health (legacy path)", tags=["legacy"])
-async def health_v2(request: Request[Any, Any, Any]) -> Response[JSONDict]:
-    return await _health(request)
+async def health_v2(container: h.ContainerDep) -> Response[JSONDict]:
+    return await _health(container)
 
 
 @get("/api/jobs/stats", summary="Counts by status, workers, backend", tags=["ops"])
-async def stats(request: Request[Any, Any, Any]) -> JSONDict:
-    h.tenant(request)
-    c = h.container(request)
-    body: JSONDict = await c.service.stats()
-    body.setdefault("backend", c.settings.backend)
+async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
+    h.tenant(request, container.settings)
+    body: JSONDict = await container.service.stats()
+    body.setdefault("backend", container.settings.backend)
     return body
 
 
 @get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4; charset=utf-8")
-async def metrics(request: Request[Any, Any, Any]) -> bytes:
-    c = h.container(request)
-    counts = await c.store.count_by_status()
+async def metrics(container: h.ContainerDep, metrics: h.MetricsDep) -> bytes:
+    counts = await container.store.count_by_status()
     try:
-        workers = int((await c.queue.stats()).get("workers", 0))
+        workers = int((await container.queue.stats()).get("workers", 0))
     except Exception:  # queue stats are best effort; the counters still render
         workers = None
-    return h.metrics(request).render(counts, workers)
+    return metrics.render(counts, workers)
 
 
 @get("/", include_in_schema=False, media_type=MediaType.HTML)
@@ -71,15 +71,20 @@ async def index() -> bytes:
     return resources.files("handlers").joinpath("static/index.html").read_bytes()
 
 
-async def _legacy(request: Request[Any, Any, Any], endpoint: str) -> Response[JSONDict]:
+async def _legacy(
+    request: Request[Any, Any, Any],
+    c: Container,
+    metrics: Metrics,
+    limiter: SubmitRateLimiter,
+    endpoint: str,
+) -> Response[JSONDict]:
     """Create a normal job, then wait up to ``LEGACY_WAIT_S`` for it; never a gateway timeout."""
-    c = h.container(request)
-    caller = h.tenant(request)
-    h.rate_limit(request, caller)
+    caller = h.tenant(request, c.settings)
+    h.rate_limit(limiter, caller)
     key = h.idempotency_key(request)
     job, created = await c.service.submit(await h.json_body(request), caller, key)
     if created:
-        h.metrics(request).submitted.labels(endpoint=endpoint).inc()
+        metrics.submitted.labels(endpoint=endpoint).inc()
     if c.settings.legacy_wait_s > 0 and job.status not in TERMINAL_STATUSES:
         job = await c.service.wait_finished(job.id, c.settings.legacy_wait_s) or job
     return legacy_response(job)
@@ -128,13 +133,17 @@ def legacy_response(job: Job) -> Response[JSONDict]:
 
 
 @post("/api/v2/auto", summary="Legacy: run a job and wait", tags=["legacy"])
-async def legacy_auto(request: Request[Any, Any, Any]) -> Response[JSONDict]:
-    return await _legacy(request, "v2_auto")
+async def legacy_auto(
+    request: Request[Any, Any, Any], container: h.ContainerDep, metrics: h.MetricsDep, limiter: h.LimiterDep
+) -> Response[JSONDict]:
+    return await _legacy(request, container, metrics, limiter, "v2_auto")
 
 
 @post("/api/v2/dossier/generate", summary="Legacy: run a job and wait", tags=["legacy"])
-async def legacy_generate(request: Request[Any, Any, Any]) -> Response[JSONDict]:
-    return await _legacy(request, "v2_dossier_generate")
+async def legacy_generate(
+    request: Request[Any, Any, Any], container: h.ContainerDep, metrics: h.MetricsDep, limiter: h.LimiterDep
+) -> Response[JSONDict]:
+    return await _legacy(request, container, metrics, limiter, "v2_dossier_generate")
 
 
 ROUTES = [health, health_v2, stats, metrics, index, legacy_auto, legacy_generate]
