@@ -1,4 +1,4 @@
-"""JobService on the local backend's real parts: SqliteStore, LocalQueue workers, run_job."""
+"""JobService on the local backend's real parts: SqliteStore, LocalQueue workers, deliver."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from adapters.saq_queue import SaqQueue
 from adapters.sqlite_store import SqliteStore
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
-from pipeline.delivery import run_job
+from pipeline.delivery import Delivery, deliver
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.graph import LLM_STEPS, STEPS
 from pipeline.model import StoreUnavailable
@@ -43,8 +43,8 @@ async def local() -> AsyncIterator[Local]:
     llm = OfflineProvider(latency_ms=5)
     deps = Deps(store, llm, PipelineConfig(cancel_poll_s=0.02))
 
-    async def run(job_id: str) -> None:
-        await run_job(job_id, deps)
+    async def run(job_id: str) -> Delivery:
+        return await deliver(job_id, deps)
 
     queue = LocalQueue(run, store, concurrency=2)
     yield Local(store, llm, queue, JobService(deps, queue))
