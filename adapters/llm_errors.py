@@ -10,12 +10,21 @@ cause                                  code                    transient
 400, 404, 413, 422, other 4xx          ``llm_bad_request``     no
 408, 409, 5xx, 529                     ``llm_unavailable``     yes
 connection refused / reset / closed    ``llm_unavailable``     yes
+stream cut before its final chunk      ``llm_unavailable``     yes
+error event mid-stream                 as its type's status    as above
 per-call timeout                       ``timeout``             yes
 body that is not the wire format       ``llm_invalid_output``  no
 =====================================  ======================  =========
 
 ``retry_after`` comes from ``retry-after-ms`` or ``Retry-After`` (seconds or an
 HTTP date) on any status that carries it.
+
+Once a stream has begun (status 200) a failure can no longer be a status: it is an
+error event (Anthropic ``event: error``, OpenAI a ``{"error": ...}`` chunk) whose
+``type`` names the status it stands for (``overloaded_error`` is 529,
+``rate_limit_error`` 429, ...; an unknown type counts as a 500), or the connection
+failing while the body is read, which some SDK versions pass on as the transport's
+own exception (``httpx`` / ``httpx2``), not wrapped.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import time
 from collections.abc import Mapping
 
 import anthropic
+import httpx
 import openai
 
 from pipeline.model import LLMError
@@ -54,6 +64,15 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     anthropic.APIConnectionError,
     ConnectionError,
 )
+try:
+    import httpx2
+except ImportError:  # pragma: no cover - SDK versions from before httpx2
+    pass
+else:
+    _TIMEOUT_ERRORS += (httpx2.TimeoutException,)
+    _CONNECTION_ERRORS += (httpx2.TransportError,)
+_TIMEOUT_ERRORS += (httpx.TimeoutException,)
+_CONNECTION_ERRORS += (httpx.TransportError,)
 _STATUS_ERRORS: tuple[type[BaseException], ...] = (openai.APIStatusError, anthropic.APIStatusError)
 _INVALID_BODY_ERRORS: tuple[type[BaseException], ...] = (
     openai.APIResponseValidationError,
@@ -61,6 +80,21 @@ _INVALID_BODY_ERRORS: tuple[type[BaseException], ...] = (
     json.JSONDecodeError,
     UnicodeDecodeError,
 )
+_API_ERRORS: tuple[type[BaseException], ...] = (openai.APIError, anthropic.APIError)
+
+STREAM_ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "overloaded_error": 529,
+}
+"""HTTP status an error event's ``type`` stands for; any other type counts as 500."""
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -130,6 +164,29 @@ def timeout_error(provider: str, step: str, timeout_s: float) -> LLMError:
     )
 
 
+def cut_stream(provider: str, step: str, missing: str, received: int) -> LLMError:
+    """A stream that ended without its final chunk (``missing`` names what did not
+    come): the answer is incomplete, so it is no answer."""
+    return LLMError(
+        UNAVAILABLE,
+        f"{provider}: stream on step '{step}' ended without its final chunk "
+        f"(no {missing}; {received} characters received)",
+        transient=True,
+    )
+
+
+def stream_error(provider: str, step: str, body: object) -> LLMError:
+    """The :class:`LLMError` for an error event inside a stream that began with 200."""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    kind = error.get("type") if isinstance(error, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    status = STREAM_ERROR_STATUS.get(str(kind), 500)
+    detail = f"error event mid-stream: {kind or 'untyped'}" + (f": {message}" if message else "")
+    mapped = from_status(provider, step, status, {}, detail[:200])
+    mapped.status = None  # the HTTP status was 200; ``status`` only ever holds a real one
+    return mapped
+
+
 def invalid_output(provider: str, step: str, why: str) -> LLMError:
     return LLMError(INVALID_OUTPUT, f"{provider}: unreadable reply on step '{step}': {why}")
 
@@ -143,6 +200,8 @@ def classify(provider: str, step: str, exc: BaseException, timeout_s: float) -> 
         return exc
     if isinstance(exc, _STATUS_ERRORS):
         response = exc.response  # type: ignore[attr-defined]  # both SDKs' APIStatusError have it
+        if response.status_code < 400:  # an error event in a stream that began with 200
+            return stream_error(provider, step, getattr(exc, "body", None))
         return from_status(provider, step, response.status_code, response.headers, _detail(exc))
     if isinstance(exc, _TIMEOUT_ERRORS):
         return timeout_error(provider, step, timeout_s)
@@ -156,6 +215,8 @@ def classify(provider: str, step: str, exc: BaseException, timeout_s: float) -> 
         )
     if isinstance(exc, _INVALID_BODY_ERRORS):
         return invalid_output(provider, step, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, _API_ERRORS) and isinstance(getattr(exc, "body", None), dict):
+        return stream_error(provider, step, exc.body)  # type: ignore[attr-defined]  # checked above
     return LLMError(
         UNAVAILABLE,
         f"{provider}: unexpected {type(exc).__name__} on step '{step}': {exc}",

@@ -8,6 +8,13 @@
 - Cancelling the awaiting task cancels the SDK's ``httpx`` request, which closes
   the connection: the server sees the client go away.
 
+The answer streams (``stream=True``, ``stream_options={"include_usage": True}``):
+each piece of ``delta.content`` goes to ``on_text`` as it arrives. The token counts
+are the final usage chunk's (empty ``choices``, sent before ``data: [DONE]``). A
+stream that ends without a ``finish_reason`` or without that usage chunk (the
+connection reset, the server closing mid-answer, a proxy ending the body early) is
+a transient ``llm_unavailable``: the partial text is never an answer.
+
 Structured output, ``json_mode``:
 
 ``json_schema`` (default)
@@ -35,6 +42,7 @@ from openai import AsyncOpenAI, omit
 
 from adapters import llm_errors
 from pipeline.model import LLMError, LLMReply, LLMRequest
+from pipeline.ports import TextSink
 
 log = structlog.get_logger(__name__)
 
@@ -79,22 +87,30 @@ class OpenAIProvider:
             api_key=api_key or NO_KEY, base_url=base_url, max_retries=0
         )
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
+        answer = _Answer()
         try:
             async with asyncio.timeout(request.timeout_s):
-                completion: Any = await self._client.chat.completions.create(
+                stream: Any = await self._client.chat.completions.create(
                     model=request.model,
                     messages=self._messages(request),
                     response_format=self._response_format(request),
                     timeout=request.timeout_s,
                     max_tokens=request.max_tokens if self.base_url else omit,
                     max_completion_tokens=omit if self.base_url else request.max_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
                 )
+                async with stream:  # closes the response however the reading ends
+                    async for chunk in stream:
+                        answer.add(chunk, on_text)
         except TimeoutError:
             raise llm_errors.timeout_error(self.name, request.step, request.timeout_s) from None
+        except _NotAChunk as exc:
+            raise llm_errors.invalid_output(self.name, request.step, str(exc)) from None
         except Exception as exc:
             raise llm_errors.classify(self.name, request.step, exc, request.timeout_s) from exc
-        return self._reply(request, completion)
+        return self._reply(request, answer)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -124,31 +140,80 @@ class OpenAIProvider:
 
     # -- reply ------------------------------------------------------------
 
-    def _reply(self, request: LLMRequest, completion: Any) -> LLMReply:
-        """Read text and usage defensively: the SDK does not validate bodies, so a
-        compatible server's odd reply arrives as a loose object or a bare string."""
-        try:
-            choice = completion.choices[0]
-            message = choice.message
-            text = message.content
-            usage = completion.usage
-            model = completion.model or request.model
-        except (AttributeError, IndexError, TypeError, KeyError) as exc:
-            raise llm_errors.invalid_output(
-                self.name, request.step, f"not a chat completion ({type(exc).__name__})"
-            ) from exc
-        if not isinstance(text, str):
-            refusal = getattr(message, "refusal", None)
+    def _reply(self, request: LLMRequest, answer: _Answer) -> LLMReply:
+        if answer.finish_reason is None or answer.usage is None:
+            missing = "finish_reason" if answer.finish_reason is None else "usage"
+            raise llm_errors.cut_stream(self.name, request.step, missing, len(answer.text))
+        if not answer.has_content:
+            refusal = "".join(answer.refusal)
             why = f"refused: {refusal}" if refusal else "no message content"
             raise llm_errors.invalid_output(self.name, request.step, why)
-        if getattr(choice, "finish_reason", None) == "length":
+        model = answer.model or request.model
+        if answer.finish_reason == "length":
             log.warning("llm_output_truncated", provider=self.name, step=request.step, model=model)
         return LLMReply(
-            text=text,
+            text=answer.text,
             model=str(model),
-            prompt_tokens=_int(getattr(usage, "prompt_tokens", 0)),
-            completion_tokens=_int(getattr(usage, "completion_tokens", 0)),
+            prompt_tokens=_int(_get(answer.usage, "prompt_tokens")),
+            completion_tokens=_int(_get(answer.usage, "completion_tokens")),
         )
+
+
+class _NotAChunk(Exception):
+    """A stream event that is not a ``chat.completion.chunk``."""
+
+
+class _Answer:
+    """What the chunks of one stream said so far. Read defensively: the SDK does
+    not validate chunks, so a compatible server's odd ones arrive as loose objects,
+    dicts or bare values."""
+
+    __slots__ = ("finish_reason", "has_content", "model", "pieces", "refusal", "usage")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.refusal: list[str] = []
+        self.has_content = False
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+        self.model: Any = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, chunk: Any, on_text: TextSink | None) -> None:
+        choices = _get(chunk, "choices")
+        if not isinstance(choices, list):
+            raise _NotAChunk(f"not a chat completion chunk ({type(chunk).__name__})")
+        self.model = self.model or _get(chunk, "model")
+        usage = _get(chunk, "usage")
+        if usage is not None:
+            self.usage = usage  # the last one is the whole request's
+        for choice in choices:
+            if _get(choice, "index") not in (0, None):
+                continue
+            delta = _get(choice, "delta")
+            content = _get(delta, "content")
+            if isinstance(content, str):
+                self.has_content = True
+                if content:
+                    self.pieces.append(content)
+                    if on_text is not None:
+                        on_text(content)
+            refusal = _get(delta, "refusal")
+            if isinstance(refusal, str):
+                self.refusal.append(refusal)
+            reason = _get(choice, "finish_reason")
+            if reason:
+                self.finish_reason = str(reason)
+
+
+def _get(obj: Any, key: str) -> Any:
+    """Attribute or key: the SDK builds loose objects (or leaves dicts) from odd chunks."""
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
 
 
 def _int(value: object) -> int:

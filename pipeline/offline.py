@@ -5,6 +5,11 @@ benchmarks: answers are deterministic (same title, pitch and language, same
 answer), latency is simulated with ``asyncio.sleep`` so cancelling the caller
 aborts a call in flight, and ``calls`` / ``in_flight`` / ``max_in_flight`` let
 tests check the concurrency the scheduler promised.
+
+With ``on_text`` the answer streams like a model's: in pieces spread evenly over
+the step's latency (about one every ``CHUNK_INTERVAL_S``; at least two, at most
+``MAX_CHUNKS``), the last one at the end of it. At zero latency it comes in one
+piece at once, with no extra sleep.
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ import msgspec
 from pipeline.graph import SECTION_STEPS
 from pipeline.hashing import sha256_hex
 from pipeline.model import LLMError, LLMReply, LLMRequest
+from pipeline.ports import TextSink
 from pipeline.vocabulary import ErrorCode
 
 JSONDict = dict[str, Any]
+
+CHUNK_INTERVAL_S = 0.05
+"""Simulated time between two pieces of a streamed answer."""
+MAX_CHUNKS = 40
 
 _WORD = re.compile(r"[^\W\d_]{5,}", re.UNICODE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -118,20 +128,25 @@ class OfflineProvider:
         self.in_flight = 0
         self.max_in_flight = 0
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
         self.calls += 1
         self.calls_by_step[request.step] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            delay = self.latency_by_step.get(request.step, self.latency_ms) / 1000
-            # Even at zero latency the call gives up the event loop once, as a call
-            # over the network does: a job must not run all its steps in one turn.
-            await asyncio.sleep(max(0.0, delay))
-            answer = self.answer(request.step, request.language, request.context)
+            delay = max(0.0, self.latency_by_step.get(request.step, self.latency_ms) / 1000)
+            if on_text is None or not delay:
+                # Even at zero latency the call gives up the event loop once, as a call
+                # over the network does: a job must not run all its steps in one turn.
+                await asyncio.sleep(delay)
+                text = self._text(request)
+                if on_text is not None:
+                    on_text(text)
+            else:
+                text = self._text(request)
+                await _stream(text, delay, on_text)
         finally:
             self.in_flight -= 1
-        text = msgspec.json.encode(answer).decode()
         return LLMReply(
             text=text,
             model=request.model,
@@ -139,12 +154,28 @@ class OfflineProvider:
             completion_tokens=len(text) // 4,
         )
 
+    def _text(self, request: LLMRequest) -> str:
+        answer = self.answer(request.step, request.language, request.context)
+        return msgspec.json.encode(answer).decode()
+
     def answer(self, step: str, language: str, context: JSONDict) -> JSONDict:
         """The deterministic answer for ``step`` given its input artifacts."""
         builder = _BUILDERS.get(step) or (_section if step in SECTION_STEPS else None)
         if builder is None:
             raise LLMError(ErrorCode.LLM_BAD_REQUEST, f"offline provider has no answer for step {step!r}")
         return builder(_Facts(step, language if language in _T else "en", context))
+
+
+async def _stream(text: str, delay: float, on_text: TextSink) -> None:
+    """Pass ``text`` to ``on_text`` in pieces, piece ``i`` of ``n`` at ``delay * i / n``
+    (from the start, so the sleeps' overshoot does not add up)."""
+    count = max(1, min(MAX_CHUNKS, max(2, round(delay / CHUNK_INTERVAL_S)), len(text)))
+    size = len(text)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(1, count + 1):
+        await asyncio.sleep(max(0.0, start + delay * i / count - loop.time()))
+        on_text(text[(i - 1) * size // count : i * size // count])
 
 
 class _Facts:

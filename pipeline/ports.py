@@ -8,7 +8,7 @@ Style follows SAQ's ``Queue``: each public method does the shared bookkeeping
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from pipeline.model import (
@@ -334,12 +334,20 @@ class Queue(ABC):
 
 # -- LLM providers ----------------------------------------------------------
 
+TextSink = Callable[[str], None]
+"""Receives each piece of a streaming answer's text, in order, as it arrives."""
+
+
 class LLMProvider(Protocol):
     name: str
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
-        """Answer ``request`` or raise :class:`LLMError`. Cancelling the awaiting task
-        aborts the HTTP call in flight."""
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
+        """Answer ``request`` or raise :class:`LLMError`. The answer streams: with
+        ``on_text`` each piece of the answer's text is passed on as it arrives, and the
+        pieces concatenated are the reply's ``text`` (for a forced tool call, the
+        tool input's JSON text). Token counts are the provider's own, from the stream's
+        usage. A stream cut before its end is a transient ``llm_unavailable``. Cancelling
+        the awaiting task aborts the HTTP call in flight."""
         ...
 
 

@@ -3,6 +3,7 @@ servers speaking their wire formats, wired exactly as production is (``bootstrap
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
@@ -162,3 +163,26 @@ async def test_step_model_routing_reaches_the_provider(started: Any) -> None:
         by_model = {r.model for r in fake.requests if (r.schema_name or "").startswith("investor_score")}
         others = {r.model for r in fake.requests if not (r.schema_name or "").startswith("investor_score")}
         assert (by_model, others) == ({"big-model"}, {"small-model"})
+
+
+async def test_stream_cut_mid_answer_is_retried_and_the_job_completes(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """A stream the server closes mid-answer is retried as a new attempt; the job completes, tokens exact."""
+    provider, fake = provider_fake
+    fake.plan(["ok:cut=2", "ok:cut=3,clean=1"])
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"parallel_limit": 1})
+    assert job.status == "completed", job.error
+    assert all(r.streamed for r in fake.requests)
+    assert fake.count(cut=True) == 2
+    calls = (await container.service.trace(job.id, "t"))["calls"]
+    evidence = [(c["attempt"], c["outcome"]) for c in calls if c["step"] == "evidence"]
+    assert evidence == [(1, "llm_unavailable"), (2, "llm_unavailable"), (3, "ok")]
+    artifact = await container.store.get_artifact(job.id, "sources")
+    assert artifact is not None
+    answered = json.loads("".join(fake.requests[2].pieces))
+    assert artifact.data == answered, "the artifact is the whole answer, not a partial one"
+    trace = await container.service.trace(job.id, "t")
+    assert trace["totals"]["prompt_tokens"] == fake.usage_totals["prompt_tokens"] > 0
+    assert trace["totals"]["completion_tokens"] == fake.usage_totals["completion_tokens"] > 0

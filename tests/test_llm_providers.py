@@ -1,12 +1,14 @@
 """The OpenAI and Anthropic providers through their real SDKs against local HTTP
-servers speaking the wire formats (tests/support/fake_llm.py), the error mapping,
-the fake's schema-valid answers, and the in-memory rate limiter."""
+servers speaking the wire formats (tests/support/fake_llm.py), streamed answers
+(theirs and the offline provider's), the error mapping and the fake's
+schema-valid answers."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from adapters.llm_errors import parse_retry_after
 from adapters.llm_openai import OpenAIProvider
 from pipeline.graph import LLM_STEPS
 from pipeline.model import LLMError, LLMReply, LLMRequest
+from pipeline.offline import OfflineProvider
 from pipeline.schemas import InvalidOutput, json_schema, parse_output
 from tests.support.fake_llm import (
     FakeLLMServer,
@@ -294,6 +297,172 @@ async def test_concurrent_calls_under_failures_account_tokens_exactly(
     assert fake.max_in_flight > 1
 
 
+# -- streaming ----------------------------------------------------------------------
+
+
+class Pieces:
+    """An ``on_text`` sink that keeps each piece with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.pieces: list[str] = []
+        self.times: list[float] = []
+
+    def __call__(self, text: str) -> None:
+        self.pieces.append(text)
+        self.times.append(time.perf_counter() - self.started)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+async def test_stream_pieces_arrive_in_order_as_written_and_make_the_text(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Each piece of the answer reaches on_text as the server writes it, in order; joined: the answer."""
+    fake.plan(["ok:chunks=6,chunk_delay=0.1"])
+    sink = Pieces()
+    reply = await provider.complete(make_request(), sink)
+    done = time.perf_counter() - sink.started
+    record = fake.requests[0]
+    assert record.streamed and record.delivered
+    assert sink.pieces == record.pieces and len(sink.pieces) == 6
+    assert sink.text == reply.text
+    jsonschema.validate(json.loads(reply.text), SECTION_SCHEMA)
+    assert done - sink.times[0] >= 0.4, "the first piece came only with the end of the answer"
+
+
+async def test_stream_token_counts_are_the_final_usage_exactly(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A streamed answer's token counts are exactly the stream's final usage, not a count of pieces."""
+    fake.plan(["ok:chunks=9,prompt_tokens=1234,completion_tokens=567"])
+    sink = Pieces()
+    reply = await provider.complete(make_request(), sink)
+    assert (reply.prompt_tokens, reply.completion_tokens) == (1234, 567)
+    assert len(sink.pieces) == 9
+    body = fake.requests[0].body
+    assert body["stream"] is True
+    if provider.name == "openai":
+        assert body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize(
+    "directive",
+    ["ok:cut=3", "ok:cut=3,reset=1", "ok:cut=3,clean=1", "ok:nousage=1", "ok:cut=0"],
+    ids=["closed-mid-body", "reset", "body-ended-early", "no-usage", "cut-before-any-text"],
+)
+async def test_stream_cut_mid_answer_is_transient_unavailable(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer, directive: str
+) -> None:
+    """A stream that stops before its final chunk is a retryable llm_unavailable, never an answer."""
+    fake.plan([directive])
+    sink = Pieces()
+    with pytest.raises(LLMError) as caught:
+        await provider.complete(make_request(), sink)
+    error = caught.value
+    assert (error.code, error.transient) == ("llm_unavailable", True), error.message
+    assert sink.pieces == fake.requests[0].pieces, "pieces before the cut still reach on_text"
+    assert fake.usage_totals["calls"] == 0
+    reply = await provider.complete(make_request())
+    jsonschema.validate(json.loads(reply.text), SECTION_SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "transient"),
+    [(529, "llm_unavailable", True), (500, "llm_unavailable", True), (429, "llm_rate_limited", True),
+     (400, "llm_bad_request", False)],
+)
+async def test_stream_error_event_mid_answer_maps_like_its_status(
+    provider: OpenAIProvider | AnthropicProvider,
+    fake: FakeLLMServer,
+    status: int,
+    code: str,
+    transient: bool,
+) -> None:
+    """An error event inside a begun stream (e.g. overloaded) is classified like its HTTP status."""
+    fake.plan([f"ok:cut=2,error={status}"])
+    error = await expect_error(provider)
+    assert (error.code, error.transient) == (code, transient), error.message
+    assert "mid-stream" in error.message
+
+
+async def test_slow_stream_is_cut_by_the_call_timeout(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """A model trickling pieces past timeout_s times out, though every single gap is short."""
+    fake.plan(["ok:chunks=30,chunk_delay=0.1"])
+    sink = Pieces()
+    started = time.perf_counter()
+    with pytest.raises(LLMError) as caught:
+        await provider.complete(make_request(timeout_s=0.8), sink)
+    assert (caught.value.code, caught.value.transient) == ("timeout", True)
+    assert time.perf_counter() - started < 2.5
+    assert 0 < len(sink.pieces) < 30
+    assert await fake.async_wait_until(lambda f: f.requests[0].client_disconnected, within_s=10)
+
+
+async def test_cancel_mid_stream_closes_the_connection(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """Cancelling the call while the answer streams closes the connection: the server stops writing."""
+    fake.plan(["ok:chunks=200,chunk_delay=0.05"])
+    sink = Pieces()
+    task = asyncio.create_task(provider.complete(make_request(timeout_s=120), sink))
+    assert await fake.async_wait_until(lambda f: len(f.requests[0].pieces) >= 2 if f.requests else False)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.async_wait_until(lambda f: f.requests[0].client_disconnected, within_s=10)
+    record = fake.requests[0]
+    assert record.delivered is False and len(record.pieces) < 200
+
+
+async def test_stream_truncated_by_the_output_budget_logs_a_warning(
+    provider: OpenAIProvider | AnthropicProvider, fake: FakeLLMServer
+) -> None:
+    """An answer stopped by the output budget is still returned, and logged as truncated."""
+    from structlog.testing import capture_logs
+
+    fake.plan(["ok:truncated=1"])
+    with capture_logs() as logs:
+        reply = await provider.complete(make_request())
+    assert reply.completion_tokens > 0
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["llm_output_truncated"]
+
+
+PITCH = {"pitch": {"title": "Acme", "pitch": "Robots fold laundry."}}
+
+# -- offline provider ---------------------------------------------------------------
+
+
+async def test_offline_stream_is_spread_over_its_latency() -> None:
+    """Offline answers stream in pieces across the simulated latency, the first well before the end."""
+    provider = OfflineProvider(latency_ms=600)
+    request = make_request(step="brief", context=PITCH)
+    sink = Pieces()
+    reply = await provider.complete(request, sink)
+    done = time.perf_counter() - sink.started
+    assert len(sink.pieces) >= 6
+    assert sink.text == reply.text
+    assert json.loads(reply.text)["project_title"] == "Acme"
+    assert sink.times[0] < 0.25 * done
+    assert 0.55 <= done < 1.5, "the pieces are spread over the latency, not added to it"
+    gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
+    assert max(gaps) < 0.3
+
+
+async def test_offline_at_zero_latency_sends_one_piece_at_once() -> None:
+    """At zero latency the offline answer arrives whole in one piece, the same as without on_text."""
+    provider = OfflineProvider()
+    request = make_request(step="brief", context=PITCH)
+    sink = Pieces()
+    reply = await provider.complete(request, sink)
+    assert sink.pieces == [reply.text]
+    assert (await provider.complete(request)) == reply
+
+
 # -- OpenAI specifics ------------------------------------------------------------------
 
 
@@ -335,6 +504,43 @@ async def test_openai_json_object_mode_for_compatible_servers() -> None:
     assert fake.requests[0].path == "/v1/chat/completions"
 
 
+@pytest.mark.parametrize("json_mode", ["json_schema", "json_object"])
+async def test_openai_both_json_modes_stream(json_mode: str) -> None:
+    """Both json modes stream with include_usage: pieces in order, exact usage, a cut stream retryable."""
+    with fake_openai_server(usage=(321, 54), plan=["ok:chunks=5", "ok:cut=2"]) as fake:
+        provider = OpenAIProvider(None, fake.base_url, json_mode=json_mode)
+        sink = Pieces()
+        reply = await provider.complete(make_request(), sink)
+        with pytest.raises(LLMError) as caught:
+            await provider.complete(make_request())
+        await provider.aclose()
+    first = fake.requests[0]
+    assert first.body["response_format"]["type"] == json_mode
+    assert (first.body["stream"], first.body["stream_options"]) == (True, {"include_usage": True})
+    assert sink.pieces == first.pieces and len(sink.pieces) == 5 and sink.text == reply.text
+    assert (reply.prompt_tokens, reply.completion_tokens) == (321, 54)
+    assert (caught.value.code, caught.value.transient) == ("llm_unavailable", True)
+
+
+async def test_openai_refusal_in_a_stream_is_invalid_output() -> None:
+    """A streamed refusal (no content, only refusal pieces) is llm_invalid_output naming the refusal."""
+    from tests.support import fake_llm
+
+    class Refusing(fake_llm._OpenAIStream):
+        def piece(self, text: str) -> bytes:
+            return self._chunk([self._choice({"refusal": "I will not"})], usage=None)
+
+        def head(self) -> list[bytes]:
+            return [self._chunk([self._choice({"role": "assistant", "content": None})], usage=None)]
+
+    with fake_openai_server() as fake, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_llm, "_OpenAIStream", Refusing)
+        provider = OpenAIProvider(None, fake.base_url)
+        error = await expect_error(provider)
+        await provider.aclose()
+    assert error.code == "llm_invalid_output" and "refused: I will not" in error.message
+
+
 async def test_openai_official_endpoint_uses_max_completion_tokens() -> None:
     """Without a base_url (the official API) the budget goes as max_completion_tokens."""
     from openai import AsyncOpenAI
@@ -352,6 +558,23 @@ def test_openai_rejects_unknown_json_mode() -> None:
     """A json_mode other than json_schema/json_object is refused, naming the variable."""
     with pytest.raises(ValueError, match="OPENAI_JSON_MODE"):
         OpenAIProvider(API_KEY, json_mode="grammar")
+
+
+async def test_openai_stream_event_that_is_no_chunk_is_invalid_output() -> None:
+    """A compatible server streaming events that are not chat.completion.chunks gets llm_invalid_output."""
+    from tests.support import fake_llm
+
+    class Odd(fake_llm._OpenAIStream):
+        def piece(self, text: str) -> bytes:
+            return b'data: "just a string"\n\n'
+
+    with fake_openai_server() as fake, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_llm, "_OpenAIStream", Odd)
+        provider = OpenAIProvider(None, fake.base_url)
+        error = await expect_error(provider)
+        await provider.aclose()
+    assert (error.code, error.transient) == ("llm_invalid_output", False)
+    assert "not a chat completion chunk" in error.message
 
 
 # -- Anthropic specifics ------------------------------------------------------------------

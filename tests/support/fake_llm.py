@@ -23,8 +23,35 @@ What each request gets is a *directive*, ``kind[:key=value,...]``:
 
 Options: ``delay`` (seconds before answering), ``retry_after`` (``Retry-After``
 seconds), ``retry_after_ms``, ``retry_after_date`` (``Retry-After`` as an HTTP date
-that many seconds ahead), ``prompt_tokens`` / ``completion_tokens`` (usage reported).
+that many seconds ahead), ``prompt_tokens`` / ``completion_tokens`` (usage reported),
+``truncated=1`` (the answer hit the output budget: ``finish_reason="length"`` /
+``stop_reason="max_tokens"``).
 Examples: ``"429:retry_after=1"``, ``"ok:delay=0.5"``, ``"500:delay=0.1"``.
+
+Streaming: a request with ``"stream": true`` gets its answer as Server-Sent Events
+in HTTP chunks, in the provider's wire format. OpenAI: ``chat.completion.chunk``
+objects (a role chunk, one chunk per piece of the answer, a chunk with the
+``finish_reason``, the usage chunk with empty ``choices`` when
+``stream_options.include_usage`` is asked, then ``data: [DONE]``). Anthropic:
+``message_start`` (input tokens), ``content_block_start`` (``tool_use`` for a
+forced tool, else ``text``), one ``content_block_delta`` per piece
+(``input_json_delta`` / ``text_delta``), ``content_block_stop``, ``message_delta``
+(stop reason and output tokens), ``message_stop``. Status errors, ``reset`` and
+``delay`` happen before the stream, as for a plain request; ``badbody`` sends an
+event whose data is not JSON. Stream options:
+
+- ``chunks``: pieces the answer is split into (default 8); ``chunk_delay``: seconds
+  between events (a slow model).
+- ``cut=N``: after N pieces the server closes the connection mid-body, without the
+  final chunk; with ``reset=1`` it resets it instead; with ``clean=1`` it ends the
+  HTTP body properly (OpenAI: after ``data: [DONE]``) but still without the final
+  chunk; with ``error=<status>`` it sends the provider's mid-stream error event
+  (OpenAI ``{"error": ...}``, Anthropic ``event: error``) for that status first.
+- ``nousage=1``: the whole answer and its end, but no usage (OpenAI: no usage
+  chunk; Anthropic: a ``message_delta`` without ``usage``).
+
+A stream counts as delivered (``usage_totals``) only when it was written to its end.
+Examples: ``"ok:cut=3"``, ``"ok:chunks=20,chunk_delay=0.05"``, ``"ok:cut=2,error=529"``.
 
 The directive of a request is, in order: ``401`` if ``api_key`` is set and the
 request does not carry it; the next entry of the plan (:meth:`FakeLLMServer.plan`);
@@ -123,6 +150,12 @@ class RecordedRequest:
     """The client closed the connection before the answer was written."""
     received_at: float = 0.0
     answered_at: float | None = None
+    streamed: bool = False
+    """The answer went out as a stream of events."""
+    pieces: list[str] = field(default_factory=list)
+    """The pieces of answer text a stream has sent so far, in order."""
+    cut: bool = False
+    """The stream was ended before its final chunk, on purpose (``cut``, ``nousage``)."""
 
     @property
     def model(self) -> str | None:
@@ -644,6 +677,160 @@ def _error_headers(directive: Directive) -> dict[str, str]:
     return headers
 
 
+def _split(text: str, count: int) -> list[str]:
+    """``text`` in ``count`` pieces of (nearly) equal length, none empty."""
+    count = max(1, count)
+    size = len(text)
+    pieces = [text[i * size // count : (i + 1) * size // count] for i in range(count)]
+    return [piece for piece in pieces if piece]
+
+
+def _sse(event: str | None, data: Any) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class _WireStream:
+    """The events of one streamed answer in a provider's wire format."""
+
+    def __init__(
+        self, index: int, body: Any, kind: str, directive: Directive, usage: tuple[int, int]
+    ) -> None:
+        self.index = index
+        self.body = body
+        self.kind = kind
+        self.model = body.get("model", "fake")
+        self.truncated = bool(directive.options.get("truncated"))
+        self.with_usage = not directive.options.get("nousage")
+        self.usage = usage
+
+    def head(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def piece(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def tail(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def done(self) -> list[bytes]:
+        """What ends a stream that was cut with ``clean=1``."""
+        return []
+
+    def error(self, status: int) -> bytes:
+        raise NotImplementedError
+
+
+class _OpenAIStream(_WireStream):
+    def _chunk(self, choices: list[Any], **extra: Any) -> bytes:
+        return _sse(
+            None,
+            {
+                "id": f"chatcmpl-fake-{self.index}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": self.model,
+                "system_fingerprint": None,
+                "choices": choices,
+                **extra,
+            },
+        )
+
+    def _choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    @property
+    def _include_usage(self) -> bool:
+        return bool((self.body.get("stream_options") or {}).get("include_usage"))
+
+    def _usage_field(self) -> dict[str, Any]:
+        return {"usage": None} if self._include_usage else {}
+
+    def head(self) -> list[bytes]:
+        delta = {"role": "assistant", "content": "", "refusal": None}
+        return [self._chunk([self._choice(delta)], **self._usage_field())]
+
+    def piece(self, text: str) -> bytes:
+        return self._chunk([self._choice({"content": text})], **self._usage_field())
+
+    def tail(self) -> list[bytes]:
+        reason = "length" if self.truncated else "stop"
+        events = [self._chunk([self._choice({}, reason)], **self._usage_field())]
+        if self._include_usage and self.with_usage:
+            prompt, completion = self.usage
+            usage = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            }
+            events.append(self._chunk([], usage=usage))
+        return [*events, *self.done()]
+
+    def done(self) -> list[bytes]:
+        return [b"data: [DONE]\n\n"]
+
+    def error(self, status: int) -> bytes:
+        return _sse(None, _error_body("openai", status))
+
+
+class _AnthropicStream(_WireStream):
+    @property
+    def _tool(self) -> str | None:
+        tools = self.body.get("tools") or []
+        wanted = (self.body.get("tool_choice") or {}).get("name")
+        name = wanted or (tools[0]["name"] if tools else None)
+        return name if self.kind != "malformed" else None
+
+    def head(self) -> list[bytes]:
+        message = {
+            "id": f"msg_fake_{self.index}",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            # Like the real API: the input tokens, and a first small output count.
+            "usage": {"input_tokens": self.usage[0], "output_tokens": 1},
+        }
+        tool = self._tool
+        block = (
+            {"type": "tool_use", "id": f"toolu_fake_{self.index}", "name": tool, "input": {}}
+            if tool
+            else {"type": "text", "text": ""}
+        )
+        return [
+            _sse("message_start", {"type": "message_start", "message": message}),
+            _sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+            _sse("ping", {"type": "ping"}),
+        ]
+
+    def piece(self, text: str) -> bytes:
+        delta = (
+            {"type": "input_json_delta", "partial_json": text}
+            if self._tool
+            else {"type": "text_delta", "text": text}
+        )
+        return _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+
+    def tail(self) -> list[bytes]:
+        stop = "max_tokens" if self.truncated else "tool_use" if self._tool else "end_turn"
+        delta: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+        }
+        if self.with_usage:
+            delta["usage"] = {"output_tokens": self.usage[1]}
+        return [
+            _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            _sse("message_delta", delta),
+            _sse("message_stop", {"type": "message_stop"}),
+        ]
+
+    def error(self, status: int) -> bytes:
+        return _sse("error", _error_body("anthropic", status))
+
+
 # -- HTTP handling ----------------------------------------------------------------------------
 
 
@@ -708,8 +895,13 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 server._finish(record, status=None)
                 return
+            streaming = body.get("stream") is True
             if kind == "badbody":
-                self._reply(record, 200, b'{"choices": [ this is not json', {}, (0, 0))
+                if streaming:
+                    event = _sse("message_start" if record.api == "anthropic" else None, None)
+                    self._stream(record, directive, [], [event.replace(b"null", b"{ not json")], ())
+                else:
+                    self._reply(record, 200, b'{"choices": [ this is not json', {}, (0, 0))
                 return
             if directive.status != 200:
                 status = directive.status
@@ -718,12 +910,110 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 return
             text = _answer_text(kind, record.schema)
             usage = server._usage(directive, body, text)
+            if streaming:
+                wire = _AnthropicStream if record.api == "anthropic" else _OpenAIStream
+                events = wire(record.index, body, kind, directive, usage)
+                pieces = _split(text, int(directive.options.get("chunks", 8)))
+                self._stream(record, directive, pieces, events.head(), events.tail(), events)
+                return
             answer = (
                 _anthropic_body(record.index, body, kind, text, usage)
                 if record.api == "anthropic"
                 else _openai_body(record.index, body, text, usage)
             )
             self._reply(record, 200, json.dumps(answer).encode(), {}, usage)
+
+        def _stream(
+            self,
+            record: RecordedRequest,
+            directive: Directive,
+            pieces: list[str],
+            head: Sequence[bytes],
+            tail: Sequence[bytes],
+            events: _WireStream | None = None,
+        ) -> None:
+            """Write ``head``, one event per piece, then ``tail`` as a chunked SSE body,
+            honouring ``chunk_delay``, ``cut`` (and its ``reset`` / ``clean`` /
+            ``error``) and ``nousage``; record the outcome before the final events."""
+            opts = directive.options
+            if _client_gone(self.connection):
+                self.close_connection = True
+                server._finish(record, client_disconnected=True)
+                return
+            cut = int(opts["cut"]) if "cut" in opts else None
+            incomplete = cut is not None or bool(opts.get("nousage"))
+            gap = float(opts.get("chunk_delay", 0.0))
+            record.streamed = True
+            sent: list[str] = []
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for event in head:
+                    self._chunk(event)
+                for n, piece in enumerate(pieces):
+                    if cut is not None and n >= cut:
+                        break
+                    if gap and not self._wait(gap):
+                        raise ConnectionResetError("client left mid-stream")
+                    assert events is not None
+                    self._chunk(events.piece(piece))
+                    with server._lock:
+                        sent.append(piece)
+                        record.pieces = list(sent)
+                        server._lock.notify_all()
+                if cut is not None:
+                    self._cut(record, directive, events)
+                    return
+                if gap and not self._wait(gap):
+                    raise ConnectionResetError("client left mid-stream")
+                server._finish(
+                    record,
+                    status=200,
+                    delivered=not incomplete,
+                    cut=incomplete,
+                    prompt_tokens=0 if incomplete else (events.usage[0] if events else 0),
+                    completion_tokens=0 if incomplete else (events.usage[1] if events else 0),
+                )
+                for event in tail:
+                    self._chunk(event)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                self.close_connection = True
+                if record.answered_at is None:
+                    server._finish(record, status=200, client_disconnected=True)
+                else:
+                    server._undeliver(record)
+
+        def _cut(
+            self, record: RecordedRequest, directive: Directive, events: _WireStream | None
+        ) -> None:
+            """End a stream before its final chunk, as ``directive`` says."""
+            opts = directive.options
+            server._finish(record, status=200, cut=True)
+            self.close_connection = True
+            if "error" in opts and events is not None:
+                self._chunk(events.error(int(opts["error"])))
+            if opts.get("reset"):
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.close()
+                return
+            if opts.get("clean") or "error" in opts:
+                if events is not None and opts.get("clean"):
+                    for event in events.done():
+                        self._chunk(event)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            # Otherwise the connection closes with the chunked body unfinished.
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
 
         def _reply(
             self,
