@@ -19,7 +19,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from limits import RateLimitItem, RateLimitItemPerSecond
@@ -32,7 +32,7 @@ from limits.aio.strategies import (
 from limits.errors import StorageError
 
 from adapters.constants import KEY_PREFIX
-from adapters.redis_store import OP_TIMEOUT_S
+from adapters.redis_clients import OP_TIMEOUT_S, RedisClients
 
 log = structlog.get_logger("jobq.ratelimit")
 
@@ -56,7 +56,7 @@ class RedisRateLimiter:
 
     def __init__(
         self,
-        url: str,
+        clients: RedisClients,
         rpm: int,
         tpm: int,
         prefix: str = KEY_PREFIX,
@@ -65,18 +65,27 @@ class RedisRateLimiter:
     ) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        # The process's command pool (see adapters.redis_clients): ``limits`` builds its
+        # client on that pool instead of opening one of its own from the URL.
+        shared: dict[str, Any] = {"connection_pool": clients.commands.connection_pool}
         self._storage = RedisStorage(
-            f"async+{url}",
+            f"async+{clients.url}",
             implementation="redispy",
             key_prefix=f"{prefix}:ratelimit",
             wrap_exceptions=True,
-            # No socket_timeout: see adapters.redis_store.redis_client (3.11 wait_for).
-            socket_connect_timeout=2.0,
+            **shared,
         )
         self._requests = MovingWindowRateLimiter(self._storage)
         self._tokens = SlidingWindowCounterRateLimiter(self._storage)
         self._rpm_item = RateLimitItemPerSecond(rpm, window_s, namespace="rpm") if rpm else None
         self._tpm_item = RateLimitItemPerSecond(tpm, window_s, namespace="tpm") if tpm else None
+
+    @classmethod
+    def from_url(
+        cls, url: str, rpm: int, tpm: int, prefix: str = KEY_PREFIX, *, window_s: int = 60
+    ) -> RedisRateLimiter:
+        """A limiter with connections of its own to the Redis at ``url``."""
+        return cls(RedisClients.from_url(url), rpm, tpm, prefix, window_s=window_s)
 
     async def acquire(self, model: str, tokens: int) -> None:
         try:

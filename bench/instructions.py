@@ -91,7 +91,7 @@ async def worker_instructions(tree: Path, jobs: int, out_dir: Path, redis_url: s
         redis_url, prefix, LLM_OFFLINE_LATENCY_MS="0", WORKER_CONCURRENCY=str(CONCURRENCY)
     )
     proc = _under_callgrind([sys.executable, "-m", "handlers.cli", "worker"], tree, env, out)
-    queue = SaqQueue(redis_url, prefix=prefix)
+    queue = SaqQueue.from_url(redis_url, prefix=prefix)
     try:
 
         async def alive() -> bool:

@@ -56,7 +56,7 @@ async def _store(backend: str) -> JobStore:
         from adapters.redis_store import RedisStore
         from tests.support.redis_server import redis_url
 
-        store = RedisStore(redis_url(), prefix=f"bench-overhead-{uuid.uuid4().hex[:8]}", ttl_s=600)
+        store = RedisStore.from_url(redis_url(), prefix=f"bench-overhead-{uuid.uuid4().hex[:8]}", ttl_s=600)
     await store.open()
     return store
 

@@ -296,7 +296,7 @@ async def job_window(
     """Wait until every job completed; (first start, last completion, per-job durations)."""
     from adapters.redis_store import RedisStore
 
-    store = RedisStore(url, prefix=prefix)
+    store = RedisStore.from_url(url, prefix=prefix)
     try:
 
         async def all_done() -> bool:
@@ -395,7 +395,7 @@ async def bench_concurrency(
         WORKER_CONCURRENCY=str(jobs),
         LOG_LEVEL=log_level,
     )
-    queue = SaqQueue(url, prefix=prefix)
+    queue = SaqQueue.from_url(url, prefix=prefix)
     try:
 
         async def alive() -> bool:

@@ -56,7 +56,26 @@ def _load(module: str, attr: str, extra: str) -> Any:
         ) from exc
 
 
-def build_store(settings: Settings) -> JobStore:
+RedisClientsFor = Callable[[str], Any]
+"""The redis backend's connections for a URL (``adapters.redis_clients.RedisClients``)."""
+
+
+def redis_clients(settings: Settings) -> RedisClientsFor:
+    """The Redis connections of one process: made on first use for each URL, then shared
+    by the store, the queue and the rate limiter (``bootstrap`` calls this once)."""
+    made: dict[str, Any] = {}
+
+    def clients_for(url: str) -> Any:
+        if url not in made:
+            made[url] = _load("adapters.redis_clients", "RedisClients", "redis").from_url(
+                url, max_connections=settings.redis_max_connections
+            )
+        return made[url]
+
+    return clients_for
+
+
+def build_store(settings: Settings, redis: RedisClientsFor | None = None) -> JobStore:
     url = urlparse(settings.store_url)
     if url.scheme == "memory":
         from adapters.sqlite_store import SqliteStore
@@ -68,10 +87,9 @@ def build_store(settings: Settings) -> JobStore:
         return SqliteStore(settings.store_url[len("sqlite:///") :] or "./data/jobq.db")
     if url.scheme in ("redis", "rediss"):
         store: JobStore = _load("adapters.redis_store", "RedisStore", "redis")(
-            settings.store_url,
+            (redis or redis_clients(settings))(settings.store_url),
             prefix=settings.key_prefix,
             ttl_s=settings.job_ttl_s,
-            max_connections=settings.redis_max_connections,
         )
         return store
     if url.scheme == "s3":
@@ -86,14 +104,19 @@ def build_store(settings: Settings) -> JobStore:
     raise ValueError(f"JOBS_STORE_URL: unsupported scheme {url.scheme!r}")
 
 
-def build_queue(settings: Settings, run: Callable[[str], Awaitable[Delivery]], store: JobStore) -> Queue:
+def build_queue(
+    settings: Settings,
+    run: Callable[[str], Awaitable[Delivery]],
+    store: JobStore,
+    redis: RedisClientsFor | None = None,
+) -> Queue:
     url = urlparse(settings.queue_url)
     if url.scheme == "memory":
         from adapters.local_queue import LocalQueue
 
         return LocalQueue(run, store, concurrency=settings.worker_concurrency)
     if url.scheme in ("redis", "rediss"):
-        queue: Queue = build_saq_queue(settings)
+        queue: Queue = build_saq_queue(settings, redis)
         return queue
     if url.scheme == "sqs":
         queue = _load("adapters.sqs_queue", "SqsQueue", "aws")(
@@ -105,10 +128,10 @@ def build_queue(settings: Settings, run: Callable[[str], Awaitable[Delivery]], s
     raise ValueError(f"JOBS_QUEUE_URL: unsupported scheme {url.scheme!r}")
 
 
-def build_saq_queue(settings: Settings) -> Any:
+def build_saq_queue(settings: Settings, redis: RedisClientsFor | None = None) -> Any:
     """The redis backend's ``SaqQueue`` (the web enqueues on it, the worker consumes it)."""
     return _load("adapters.saq_queue", "SaqQueue", "redis")(
-        settings.queue_url,
+        (redis or redis_clients(settings))(settings.queue_url),
         prefix=settings.key_prefix,
         heartbeat_s=settings.saq_heartbeat_s,
         max_attempts=settings.job_max_attempts,
@@ -135,12 +158,15 @@ def build_llm(settings: Settings) -> LLMProvider:
     return OfflineProvider(latency_ms=settings.llm_offline_latency_ms)
 
 
-def build_limiter(settings: Settings) -> RateLimiter | None:
+def build_limiter(settings: Settings, redis: RedisClientsFor | None = None) -> RateLimiter | None:
     if not (settings.llm_rpm or settings.llm_tpm):
         return None
     if settings.backend == "redis" and settings.redis_url:
         limiter: RateLimiter = _load("adapters.ratelimit_redis", "RedisRateLimiter", "redis")(
-            settings.redis_url, rpm=settings.llm_rpm, tpm=settings.llm_tpm, prefix=settings.key_prefix
+            (redis or redis_clients(settings))(settings.redis_url),
+            rpm=settings.llm_rpm,
+            tpm=settings.llm_tpm,
+            prefix=settings.key_prefix,
         )
         return limiter
     from adapters.ratelimit_memory import MemoryRateLimiter
@@ -171,12 +197,13 @@ def bootstrap(
     """Wire adapters from ``settings`` (default: the environment); any part may be
     overridden, which is how tests swap in a provider or a store."""
     settings = settings or Settings.from_env()
-    store = store or build_store(settings)
+    redis = redis_clients(settings)  # one set of Redis connections per process and URL
+    store = store or build_store(settings, redis)
     llm = llm or build_llm(settings)
-    limiter = limiter if limiter is not None else build_limiter(settings)
+    limiter = limiter if limiter is not None else build_limiter(settings, redis)
     deps = Deps(store=store, llm=llm, config=config or pipeline_config(settings), limiter=limiter)
 
-    queue = queue or build_queue(settings, partial(deliver, deps=deps), store)
+    queue = queue or build_queue(settings, partial(deliver, deps=deps), store, redis)
     deps.stopping = queue.stopping
     service = JobService(deps, queue, backend=settings.backend)
     return Container(settings, store, queue, deps, service)

@@ -28,8 +28,9 @@ import structlog
 from saq import Worker
 from saq.job import Job as SaqJob
 
+from adapters.saq_overrides import JobqWorker
 from adapters.saq_queue import RUN_JOB_FUNCTION, JobqRedisQueue, SaqQueue
-from handlers.bootstrap import Container, bootstrap, build_saq_queue
+from handlers.bootstrap import Container, bootstrap
 from handlers.settings import Settings
 from pipeline.delivery import Outcome
 from pipeline.model import StoreUnavailable
@@ -44,8 +45,6 @@ when it ends, so above the growth of the in-flight jobs' data this count is rare
 reached: at 20,000 a batch of 200 jobs still paid four collections of ~19 ms each.
 Garbage held only by reference cycles may wait for up to this many objects; in the
 200-job batch the peak memory per in-flight job rose from 116-120 to 128-138 KiB."""
-SLOT_RESTART_S = 1.0
-"""A worker slot whose SAQ bookkeeping failed (Redis away) starts over after this long."""
 DEQUEUE_TIMEOUT_S = 1.0
 """A blocked dequeue returns this often, so shutdown does not wait on an idle slot."""
 
@@ -102,64 +101,12 @@ async def run_job(ctx: Any, *, job_id: str) -> None:
         log.info("job_finished", job_id=job_id, status=job.status if job else "missing")
 
 
-class JobqWorker(Worker[Any]):
-    """SAQ's worker with its shutdown done here: upkeep loops stop at once (they
-    would hold the shutdown for up to a sweep period), running jobs get the grace
-    period, and each one still running after it is cancelled exactly once.
+def _lifecycle(container: Container, settings: Settings) -> tuple[Any, Any]:
+    queue = _saq_queue(container)
 
-    SAQ's own ``stop`` cancels a late job twice (``wait_for`` cancels the gather,
-    then ``cancel_tasks`` cancels again), and the second cancel can land while the
-    first is still putting the job back on the queue; the job is then only
-    recovered by a sweep after its heartbeat runs out.
-    """
-
-    _draining = False
-
-    async def process(self) -> bool:
-        """SAQ's ``process``, with an error that escapes it logged as one line. With
-        Redis away, SAQ's own ``retry`` after a crashed delivery fails too; the error
-        then ended the slot's task unread ("Task exception was never retrieved" and a
-        long traceback per slot), and the slot started over at once. The job stays in
-        the active list, where the sweep finds it once Redis is back."""
-        try:
-            return await super().process()
-        except Exception as exc:
-            log.warning("worker_slot_failed", worker=self.id, error=repr(exc))
-            await asyncio.sleep(SLOT_RESTART_S)
-            return False
-
-    async def stop(self) -> None:
-        if not self._stopped and not self._draining:
-            self._draining = True
-            self.event.set()
-            await self._drain()
-        await super().stop()
-
-    async def _drain(self) -> None:
-        grace = self._shutdown_grace_period_s or 0
-        running = [job.key for job in self.job_task_contexts]
-        log.info("worker_stopping", worker=self.id, running=running, grace_s=grace)
-        for task in list(self.tasks):
-            if task.get_name() != "process":
-                task.cancel()
-        processes = [task for task in self.tasks if task.get_name() == "process"]
-        if not processes:
-            return
-        _done, pending = await asyncio.wait(processes, timeout=grace)
-        if pending:
-            late = [job.key for job in self.job_task_contexts]
-            if late:
-                log.warning("worker_grace_over", worker=self.id, handing_back=late)
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=self._cancellation_hard_deadline_s + 5)
-
-
-def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:
     async def startup(ctx: Any) -> None:
         worker: Worker[Any] = ctx["worker"]
         queue.saq.should_stop = worker.event.is_set
-        container = bootstrap(settings, queue=queue)
         await container.open()
         ctx["container"] = container
         # Everything loaded so far lives as long as the process: keep it out of the
@@ -179,19 +126,25 @@ def _lifecycle(queue: SaqQueue, settings: Settings) -> tuple[Any, Any]:
         )
 
     async def shutdown(ctx: Any) -> None:
-        container: Container | None = ctx.get("container")
-        if container is not None:
-            await container.close()
+        await container.close()
         log.info("worker_stopped", worker=ctx["worker"].id)
 
     return startup, shutdown
 
 
-def worker_kwargs(settings: Settings, queue: SaqQueue) -> dict[str, Any]:
-    """SAQ ``Worker`` arguments (also SAQ's settings dict)."""
-    startup, shutdown = _lifecycle(queue, settings)
+def _saq_queue(container: Container) -> SaqQueue:
+    queue = container.queue
+    if not isinstance(queue, SaqQueue):
+        raise RuntimeError(f"the SAQ worker needs the redis backend's queue, not {queue.name!r}")
+    return queue
+
+
+def worker_kwargs(settings: Settings, container: Container) -> dict[str, Any]:
+    """SAQ ``Worker`` arguments (also SAQ's settings dict) for ``container``, whose queue,
+    store and rate limiter share the process's Redis connections (``bootstrap``)."""
+    startup, shutdown = _lifecycle(container, settings)
     return {
-        "queue": queue.saq,
+        "queue": _saq_queue(container).saq,
         "functions": [(RUN_JOB_FUNCTION, run_job)],
         "concurrency": settings.worker_concurrency,
         "startup": startup,
@@ -211,12 +164,13 @@ def worker_kwargs(settings: Settings, queue: SaqQueue) -> dict[str, Any]:
 def saq_settings() -> dict[str, Any]:
     """For ``saq handlers.saq_worker.saq_settings``: settings from the environment."""
     settings = Settings.from_env()
-    return worker_kwargs(settings, build_saq_queue(settings))
+    return worker_kwargs(settings, bootstrap(settings))
 
 
 async def serve_worker(settings: Settings) -> None:
-    queue = build_saq_queue(settings)
-    worker = JobqWorker(**worker_kwargs(settings, queue))
+    container = bootstrap(settings)
+    queue = _saq_queue(container)
+    worker = JobqWorker(**worker_kwargs(settings, container))
     try:
         await queue.open()
         await worker.start()

@@ -97,7 +97,7 @@ async def test_unreachable_queue_leaves_nothing_half_created() -> None:
     """When enqueueing fails with StoreUnavailable the job is deleted and the error re-raised."""
     store = SqliteStore(":memory:")
     await store.open()
-    queue = SaqQueue(f"redis://127.0.0.1:{free_port()}/0", prefix="dead")
+    queue = SaqQueue.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="dead")
     service = JobService(Deps(store, OfflineProvider()), queue)
     try:
         with pytest.raises(StoreUnavailable):

@@ -26,7 +26,7 @@ from tests.support.redis_server import free_port, redis_url, unique_prefix
 
 @pytest.fixture
 async def queue() -> AsyncIterator[SaqQueue]:
-    made = SaqQueue(redis_url(), prefix=unique_prefix(), heartbeat_s=7, max_attempts=3)
+    made = SaqQueue.from_url(redis_url(), prefix=unique_prefix(), heartbeat_s=7, max_attempts=3)
     made.saq.settle_s = 0.3
     await made.open()
     yield made
@@ -272,7 +272,7 @@ async def test_a_delivery_s_own_finish_is_published(queue: SaqQueue) -> None:
 async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queue: SaqQueue) -> None:
     """When SAQ gives up on a job whose deliveries keep raising, the worker fails the job
     in the job store too (worker_lost), so it does not stay queued or running for good."""
-    store = RedisStore(redis_url(), prefix=queue.prefix)
+    store = RedisStore.from_url(redis_url(), prefix=queue.prefix)
     job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
     await queue.saq.enqueue(RUN_JOB_FUNCTION, key=job.id, job_id=job.id, retries=1, timeout=30)
 
@@ -293,7 +293,7 @@ async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queu
 
 async def test_unreachable_redis_is_store_unavailable() -> None:
     """With nothing on the port, ping, stats and enqueue raise StoreUnavailable (HTTP 503)."""
-    queue = SaqQueue(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
+    queue = SaqQueue.from_url(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
     await queue.open()
     async with asyncio.timeout(1.0):
         with pytest.raises(StoreUnavailable):

@@ -26,7 +26,7 @@ from tests.support.redis_server import (
 
 @pytest.fixture
 async def store() -> AsyncIterator[RedisStore]:
-    made = RedisStore(redis_url(), prefix=unique_prefix(), ttl_s=3600)
+    made = RedisStore.from_url(redis_url(), prefix=unique_prefix(), ttl_s=3600)
     await made.open()
     yield made
     await made.close()
@@ -79,7 +79,7 @@ async def test_empty_lists_and_nested_values_survive_an_update(store: RedisStore
 
 async def test_exactly_one_of_many_racing_transitions_wins(store: RedisStore) -> None:
     """Twenty concurrent queued->X transitions from two clients: exactly one succeeds."""
-    other = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    other = RedisStore.from_url(store.url, prefix=store.prefix, ttl_s=3600)
     job, _ = await store.create(_job())
     results = await asyncio.gather(
         *(
@@ -113,7 +113,7 @@ async def test_event_ids_are_consecutive_across_clients_and_match_stream_ids(
     store: RedisStore, raw: aioredis.Redis
 ) -> None:
     """Appends from two clients get ids 1..n, stored as stream entry ids '<n>-0'."""
-    other = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    other = RedisStore.from_url(store.url, prefix=store.prefix, ttl_s=3600)
     job, _ = await store.create(_job())
     await asyncio.gather(
         *((store if n % 2 else other).append_event(job.id, "status", {"n": n}) for n in range(30))
@@ -129,7 +129,7 @@ async def test_blocking_read_is_a_server_side_block_woken_by_another_client(
     store: RedisStore, raw: aioredis.Redis
 ) -> None:
     """A waiting reader is parked in XREAD BLOCK on Redis and wakes on another client's append."""
-    writer = RedisStore(store.url, prefix=store.prefix, ttl_s=3600)
+    writer = RedisStore.from_url(store.url, prefix=store.prefix, ttl_s=3600)
     job, _ = await store.create(_job())
     await store.append_event(job.id, "status", {"n": 1})
     reader = asyncio.create_task(store.read_events(job.id, after=1, wait_s=10))
@@ -219,7 +219,7 @@ async def test_every_key_of_a_job_expires_and_updates_refresh_it(
 
 async def test_counts_follow_transitions_and_drop_expired_jobs(raw: aioredis.Redis) -> None:
     """Status counts track CAS transitions, and jobs that expired stop being counted and listed."""
-    store = RedisStore(redis_url(), prefix=unique_prefix(), ttl_s=1)
+    store = RedisStore.from_url(redis_url(), prefix=unique_prefix(), ttl_s=1)
     first, _ = await store.create(_job())
     second, _ = await store.create(_job())
     await store.update(first.id, expect={JobStatus.QUEUED}, status=JobStatus.RUNNING)
@@ -237,7 +237,7 @@ async def test_counts_follow_transitions_and_drop_expired_jobs(raw: aioredis.Red
 
 async def test_ping_fails_fast_where_nothing_listens() -> None:
     """ping raises StoreUnavailable within 1 s when no Redis listens on the port."""
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}", prefix=unique_prefix())
     async with asyncio.timeout(1.0):
         with pytest.raises(StoreUnavailable):
             await store.ping()
@@ -264,7 +264,7 @@ async def _until_ping_ok(store: RedisStore, limit_s: float = 15.0) -> None:
 
 async def test_ping_fails_fast_on_a_hung_redis_and_recovers(own_redis: RedisServer) -> None:
     """A paused Redis makes ping raise within 1 s; when it resumes, the same store answers again."""
-    store = RedisStore(own_redis.url, prefix=unique_prefix())
+    store = RedisStore.from_url(own_redis.url, prefix=unique_prefix())
     await store.ping()
     _pause(own_redis, 1500)
     async with asyncio.timeout(1.0):
@@ -278,7 +278,7 @@ async def test_ping_fails_fast_on_a_hung_redis_and_recovers(own_redis: RedisServ
 
 async def test_store_recovers_after_redis_restarts(own_redis: RedisServer) -> None:
     """With Redis down ping and reads raise StoreUnavailable; after a restart they work again."""
-    store = RedisStore(own_redis.url, prefix=unique_prefix())
+    store = RedisStore.from_url(own_redis.url, prefix=unique_prefix())
     job, _ = await store.create(_job())
     own_redis.stop()
     async with asyncio.timeout(1.0):
@@ -297,8 +297,8 @@ async def test_the_first_reads_after_a_restart_reconnect(own_redis: RedisServer)
     """After Redis restarted under idle pooled connections, the first health check and the
     first blocking event read (an SSE stream) connect again instead of failing once per
     dead connection."""
-    store = RedisStore(own_redis.url, prefix=unique_prefix())
-    queue = SaqQueue(own_redis.url, prefix=unique_prefix())
+    store = RedisStore.from_url(own_redis.url, prefix=unique_prefix())
+    queue = SaqQueue.from_url(own_redis.url, prefix=unique_prefix())
     await queue.open()
     job, _ = await store.create(_job())
     await store.ping()
@@ -337,7 +337,7 @@ async def test_a_task_polling_the_store_always_stops_when_cancelled(store: Redis
 async def test_batched_writes_survive_a_script_cache_flush(own_redis: RedisServer) -> None:
     """Writes sent together in one turn each get their own answer, and a Redis that
     forgot its scripts (restart, SCRIPT FLUSH) has them loaded again on the next write."""
-    store = RedisStore(own_redis.url, prefix=unique_prefix(), ttl_s=3600)
+    store = RedisStore.from_url(own_redis.url, prefix=unique_prefix(), ttl_s=3600)
     raw = aioredis.Redis.from_url(own_redis.url)
     try:
         jobs = [job for job, _ in await asyncio.gather(*(store.create(_job()) for _ in range(20)))]

@@ -26,7 +26,7 @@ async def _make_store(kind: str, tmp_path: object) -> JobStore:
         from adapters.redis_store import RedisStore
         from tests.support.redis_server import redis_url
 
-        return RedisStore(redis_url(), prefix=f"t{uuid.uuid4().hex[:8]}", ttl_s=3600)
+        return RedisStore.from_url(redis_url(), prefix=f"t{uuid.uuid4().hex[:8]}", ttl_s=3600)
     import boto3
 
     from adapters.s3_store import S3Store
