@@ -21,26 +21,23 @@ next id" are real. Expiry is the bucket's lifecycle rule (``serverless.yml``,
 ``JOB_TTL_S`` in days); reads also treat a job older than ``ttl_s`` as gone.
 The ``status/`` markers follow the job document after each status change; a
 crash between the two writes can leave a count off by one (they are stats).
+
+The bucket access itself (boto3 in threads, JSON objects, listings, what a lost race
+looks like) is :mod:`adapters.s3_objects`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, unquote
 
-import boto3
 import structlog
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from adapters.constants import (
     ARTIFACT_KEY,
@@ -52,16 +49,12 @@ from adapters.constants import (
     JOB_KEY,
     TRACE_KEY,
 )
-from pipeline.model import JSON, Artifact, Conflict, Event, Expect, Job, StoreUnavailable
+from adapters.s3_objects import S3Objects, lost_race, missing
+from pipeline.model import JSON, Artifact, Conflict, Event, Expect, Job
 from pipeline.ports import JobStore
 from pipeline.vocabulary import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S, STATUSES
 
-if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
 log = structlog.get_logger("jobq.s3")
-
-T = TypeVar("T")
 
 CAS_ATTEMPTS = 50
 EVENT_POLL_S = 0.25
@@ -73,26 +66,6 @@ LAST_EVENT_HINTS = 10_000
 STATUS_MARKERS = "status"
 CURSOR_RE = re.compile(r"\d{13}_[A-Za-z0-9%._~-]{1,300}")
 """An index entry name: inverted creation ms, ``_``, the quoted job id."""
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _http_status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _lost_race(exc: ClientError) -> bool:
-    """412: the precondition failed; 409: another conditional write was in flight."""
-    return _http_status(exc) in (409, 412) or _code(exc) in (
-        "PreconditionFailed",
-        "ConditionalRequestConflict",
-    )
-
-
-def _missing(exc: ClientError) -> bool:
-    return _http_status(exc) == 404 or _code(exc) in ("NoSuchKey", "404", "NotFound")
 
 
 class S3Store(JobStore):
@@ -109,135 +82,18 @@ class S3Store(JobStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.ttl_s = ttl_s
-        self._client: S3Client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            config=Config(
-                connect_timeout=2,
-                read_timeout=10,
-                retries={"mode": "standard", "max_attempts": 3},
-                max_pool_connections=32,
-            ),
-        )
-        self._ping_client: S3Client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            config=Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1}),
-        )
+        self._s3 = S3Objects(bucket, self.prefix, endpoint_url, region)
         self._last_event: dict[str, int] = {}
-        # Own threads: boto3 blocks, and a shared default executor can be starved by
-        # other blocking work (SQS long polls) in the same process.
-        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="jobq-s3")
-
-    # -- plumbing ---------------------------------------------------------
 
     def _key(self, *parts: str) -> str:
         """``prefix/part/...``; a trailing ``""`` part makes a listing prefix ending in ``/``."""
-        return "/".join((self.prefix, *parts) if self.prefix else parts)
-
-    async def _call(self, fn: Callable[..., T], **kwargs: Any) -> T:
-        """Run one boto3 call in a thread; transport errors and 5xx become
-        :class:`StoreUnavailable`, other client errors propagate."""
-
-        def run() -> T:
-            return fn(**kwargs)
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-        except ClientError as exc:
-            if _http_status(exc) >= 500 or _code(exc) in ("NoSuchBucket", "AccessDenied"):
-                raise StoreUnavailable(f"s3: {_code(exc)}: {exc}") from exc
-            raise
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"s3: {exc}") from exc
-
-    async def _get_json(self, key: str) -> tuple[Any, str] | None:
-        """The decoded object and its ETag, or ``None`` when it does not exist."""
-
-        def fetch(Key: str) -> tuple[bytes, str]:
-            obj = self._client.get_object(Bucket=self.bucket, Key=Key)
-            return obj["Body"].read(), obj["ETag"]
-
-        try:
-            body, etag = await self._call(fetch, Key=key)
-        except ClientError as exc:
-            if _missing(exc):
-                return None
-            raise
-        return json.loads(body), etag
-
-    async def _put(self, key: str, value: Any, **conditions: str) -> str:
-        """Write ``value`` as JSON; returns the new ETag. ``IfMatch`` / ``IfNoneMatch``
-        pass through, so a lost race raises ``ClientError`` (see :func:`_lost_race`)."""
-        body = json.dumps(value, separators=(",", ":")).encode() if value is not None else b""
-        reply = await self._call(
-            self._client.put_object,
-            Bucket=self.bucket,
-            Key=key,
-            Body=body,
-            ContentType="application/json",
-            **conditions,
-        )
-        return reply["ETag"]
-
-    async def _exists(self, key: str) -> bool:
-        try:
-            await self._call(self._client.head_object, Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if _missing(exc):
-                return False
-            raise
-        return True
-
-    async def _list_keys(
-        self, prefix: str, start_after: str | None = None, limit: int | None = None
-    ) -> list[str]:
-        """Keys under ``prefix`` in ascending order, paging as needed."""
-        keys: list[str] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            elif start_after:
-                kwargs["StartAfter"] = start_after
-            if limit is not None:
-                kwargs["MaxKeys"] = min(1000, limit - len(keys))
-            page = await self._call(self._client.list_objects_v2, **kwargs)
-            keys += [item["Key"] for item in page.get("Contents", []) if "Key" in item]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token or (limit and len(keys) >= limit):
-                return keys
-
-    async def _delete_keys(self, keys: Iterable[str]) -> None:
-        batch = list(keys)
-        for start in range(0, len(batch), 1000):
-            chunk = batch[start : start + 1000]
-            await self._call(
-                self._client.delete_objects,
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
-            )
-
-    async def _get_many(self, keys: list[str]) -> list[Any]:
-        """Bodies of ``keys`` in the same order; objects deleted meanwhile are skipped."""
-        found = await asyncio.gather(*(self._get_json(k) for k in keys))
-        return [item[0] for item in found if item is not None]
+        return self._s3.key(*parts)
 
     async def ping(self) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, lambda: self._ping_client.head_bucket(Bucket=self.bucket)
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise StoreUnavailable(f"s3: bucket {self.bucket} does not answer: {exc}") from exc
+        await self._s3.ping()
 
     async def close(self) -> None:
-        self._client.close()
-        self._ping_client.close()
-        self._executor.shutdown(wait=False)
+        self._s3.close()
 
     # -- jobs -------------------------------------------------------------
 
@@ -259,16 +115,14 @@ class S3Store(JobStore):
         return self._key(STATUS_MARKERS, status, quote(job_id, safe=""))
 
     async def _create(self, job: Job) -> tuple[Job, bool]:
-        await self._put(self._job_key(job.id), job.to_dict(), IfNoneMatch="*")
+        await self._s3.put(self._job_key(job.id), job.to_dict(), IfNoneMatch="*")
         if job.idempotency_key:
             existing = await self._claim_idempotency(job)
             if existing is not None:
-                await self._call(
-                    self._client.delete_object, Bucket=self.bucket, Key=self._job_key(job.id)
-                )
+                await self._s3.delete(self._job_key(job.id))
                 return existing, False
         for key in (*self._index_keys(job), self._status_key(job.status, job.id)):
-            await self._put(key, None)
+            await self._s3.put(key, None)
         return job, True
 
     async def _claim_idempotency(self, job: Job) -> Job | None:
@@ -281,12 +135,12 @@ class S3Store(JobStore):
         claim = {"job_id": job.id, "created_at": time.time()}
         for _ in range(CAS_ATTEMPTS):
             try:
-                await self._put(key, claim, IfNoneMatch="*")
+                await self._s3.put(key, claim, IfNoneMatch="*")
                 return None
             except ClientError as exc:
-                if not _lost_race(exc):
+                if not lost_race(exc):
                     raise
-            held = await self._get_json(key)
+            held = await self._s3.get_json(key)
             if held is None:
                 continue
             (record, etag) = held
@@ -295,15 +149,15 @@ class S3Store(JobStore):
                 if earlier is not None:
                     return earlier
             try:  # expired, or its job is gone: take it over
-                await self._put(key, claim, IfMatch=etag)
+                await self._s3.put(key, claim, IfMatch=etag)
                 return None
             except ClientError as exc:
-                if not (_lost_race(exc) or _missing(exc)):
+                if not (lost_race(exc) or missing(exc)):
                     raise
         raise Conflict(f"idempotency key of job {job.id} stayed contended")
 
     async def _get(self, job_id: str) -> Job | None:
-        found = await self._get_json(self._job_key(job_id))
+        found = await self._s3.get_json(self._job_key(job_id))
         if found is None:
             return None
         job = Job.from_dict(found[0])
@@ -314,7 +168,7 @@ class S3Store(JobStore):
     async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         key = self._job_key(job_id)
         for attempt in range(CAS_ATTEMPTS):
-            found = await self._get_json(key)
+            found = await self._s3.get_json(key)
             if found is None:
                 return None
             current = Job.from_dict(found[0])
@@ -322,36 +176,32 @@ class S3Store(JobStore):
                 return None
             updated = Job.from_dict({**current.to_dict(), **changes})
             try:
-                await self._put(key, updated.to_dict(), IfMatch=found[1])
+                await self._s3.put(key, updated.to_dict(), IfMatch=found[1])
             except ClientError as exc:
-                if not (_lost_race(exc) or _missing(exc)):
+                if not (lost_race(exc) or missing(exc)):
                     raise
                 await asyncio.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
                 continue
             if updated.status != current.status:
-                await self._put(self._status_key(updated.status, job_id), None)
-                await self._call(
-                    self._client.delete_object,
-                    Bucket=self.bucket,
-                    Key=self._status_key(current.status, job_id),
-                )
+                await self._s3.put(self._status_key(updated.status, job_id), None)
+                await self._s3.delete(self._status_key(current.status, job_id))
             return updated
         raise Conflict(f"job {job_id} stayed contended for {CAS_ATTEMPTS} attempts")
 
     async def _delete(self, job_id: str) -> None:
-        found = await self._get_json(self._job_key(job_id))
+        found = await self._s3.get_json(self._job_key(job_id))
         keys = [self._job_key(job_id), self._key(CANCEL_KEY, quote(job_id, safe=""))]
         if found is not None:
             job = Job.from_dict(found[0])
             keys += [*self._index_keys(job), self._status_key(job.status, job_id)]
             if job.idempotency_key:
                 idem = self._idem_key(job.tenant, job.idempotency_key)
-                claim = await self._get_json(idem)
+                claim = await self._s3.get_json(idem)
                 if claim is not None and claim[0].get("job_id") == job_id:
                     keys.append(idem)
         for part in (ARTIFACT_KEY, EVENTS_KEY, TRACE_KEY):
-            keys += await self._list_keys(self._key(part, quote(job_id, safe=""), ""))
-        await self._delete_keys(keys)
+            keys += await self._s3.list_keys(self._key(part, quote(job_id, safe=""), ""))
+        await self._s3.delete_keys(keys)
         self._last_event.pop(job_id, None)
 
     async def _list_jobs(
@@ -368,7 +218,7 @@ class S3Store(JobStore):
         jobs_cursor = ""
         scanned = 0
         while scanned < MAX_INDEX_SCAN:
-            keys = await self._list_keys(base, start_after=start, limit=limit + 1)
+            keys = await self._s3.list_keys(base, start_after=start, limit=limit + 1)
             scanned += len(keys)
             job_ids = [unquote(k[len(base) :].partition("_")[2]) for k in keys]
             found = await asyncio.gather(*(self._get(j) for j in job_ids))
@@ -387,7 +237,7 @@ class S3Store(JobStore):
 
     async def _count_by_status(self) -> dict[str, int]:
         counts = await asyncio.gather(
-            *(self._list_keys(self._key(STATUS_MARKERS, s, "")) for s in STATUSES)
+            *(self._s3.list_keys(self._key(STATUS_MARKERS, s, "")) for s in STATUSES)
         )
         return {status: len(keys) for status, keys in zip(STATUSES, counts, strict=True)}
 
@@ -395,7 +245,7 @@ class S3Store(JobStore):
         ids: list[str] = []
         for status in sorted(ACTIVE_STATUSES):
             base = self._key(STATUS_MARKERS, status, "")
-            ids += [unquote(k[len(base) :]) for k in await self._list_keys(base)]
+            ids += [unquote(k[len(base) :]) for k in await self._s3.list_keys(base)]
         jobs = [j for j in await asyncio.gather(*(self._get(i) for i in ids)) if j is not None]
         return [j.id for j in sorted(jobs, key=lambda j: j.created_at) if j.active]
 
@@ -406,15 +256,15 @@ class S3Store(JobStore):
 
     async def _put_artifact(self, job_id: str, artifact: Artifact) -> None:
         record = {**artifact.to_dict(), "_written_ns": time.time_ns()}
-        await self._put(self._artifact_key(job_id, artifact.name), record)
+        await self._s3.put(self._artifact_key(job_id, artifact.name), record)
 
     async def _get_artifact(self, job_id: str, name: str) -> Artifact | None:
-        found = await self._get_json(self._artifact_key(job_id, name))
+        found = await self._s3.get_json(self._artifact_key(job_id, name))
         return Artifact.from_dict(found[0]) if found else None
 
     async def _list_artifacts(self, job_id: str) -> list[Artifact]:
-        keys = await self._list_keys(self._key(ARTIFACT_KEY, quote(job_id, safe=""), ""))
-        records = await self._get_many(keys)
+        keys = await self._s3.list_keys(self._key(ARTIFACT_KEY, quote(job_id, safe=""), ""))
+        records = await self._s3.get_many(keys)
         records.sort(key=lambda r: int(r.get("_written_ns", 0)))
         return [Artifact.from_dict(r) for r in records]
 
@@ -422,11 +272,11 @@ class S3Store(JobStore):
         return self._key(CACHE_KEY, f"{quote(key, safe='')}.json")
 
     async def _cache_get(self, key: str) -> Artifact | None:
-        found = await self._get_json(self._cache_key(key))
+        found = await self._s3.get_json(self._cache_key(key))
         return Artifact.from_dict(found[0]) if found else None
 
     async def _cache_put(self, key: str, artifact: Artifact) -> None:
-        await self._put(self._cache_key(key), artifact.to_dict())
+        await self._s3.put(self._cache_key(key), artifact.to_dict())
 
     # -- events and trace -------------------------------------------------
 
@@ -437,7 +287,7 @@ class S3Store(JobStore):
         known = self._last_event.get(job_id)
         if known is not None:
             return known
-        keys = await self._list_keys(self._events_prefix(job_id))
+        keys = await self._s3.list_keys(self._events_prefix(job_id))
         return int(keys[-1].rsplit("/", 1)[1].split(".")[0]) if keys else 0
 
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
@@ -447,13 +297,13 @@ class S3Store(JobStore):
         event_id = await self._last_event_id(job_id) + 1
         for _ in range(CAS_ATTEMPTS * 4):
             try:
-                await self._put(
+                await self._s3.put(
                     f"{self._events_prefix(job_id)}{event_id:010d}.json",
                     {"id": event_id, "type": type, "data": data},
                     IfNoneMatch="*",
                 )
             except ClientError as exc:
-                if not _lost_race(exc):
+                if not lost_race(exc):
                     raise
                 event_id += 1
                 continue
@@ -466,7 +316,7 @@ class S3Store(JobStore):
     async def _fetch_events(self, job_id: str, after: int) -> list[Event]:
         prefix = self._events_prefix(job_id)
         start = f"{prefix}{after:010d}.json" if after > 0 else None
-        records = await self._get_many(await self._list_keys(prefix, start_after=start))
+        records = await self._s3.get_many(await self._s3.list_keys(prefix, start_after=start))
         return [Event(int(r["id"]), str(r["type"]), r["data"]) for r in records]
 
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
@@ -482,16 +332,16 @@ class S3Store(JobStore):
 
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-        await self._put(self._key(TRACE_KEY, quote(job_id, safe=""), name), record)
+        await self._s3.put(self._key(TRACE_KEY, quote(job_id, safe=""), name), record)
 
     async def _get_trace(self, job_id: str) -> list[JSON]:
-        keys = await self._list_keys(self._key(TRACE_KEY, quote(job_id, safe=""), ""))
-        return [dict(r) for r in await self._get_many(keys)]
+        keys = await self._s3.list_keys(self._key(TRACE_KEY, quote(job_id, safe=""), ""))
+        return [dict(r) for r in await self._s3.get_many(keys)]
 
     # -- cancellation -----------------------------------------------------
 
     async def _request_cancel(self, job_id: str) -> None:
-        await self._put(self._key(CANCEL_KEY, quote(job_id, safe="")), {"at": time.time()})
+        await self._s3.put(self._key(CANCEL_KEY, quote(job_id, safe="")), {"at": time.time()})
 
     async def _cancel_requested(self, job_id: str) -> bool:
-        return await self._exists(self._key(CANCEL_KEY, quote(job_id, safe="")))
+        return await self._s3.exists(self._key(CANCEL_KEY, quote(job_id, safe="")))
