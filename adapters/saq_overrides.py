@@ -6,19 +6,22 @@ overrides below replace or wrap methods of ``saq.queue.redis.RedisQueue`` and
 ``_get_job_by_id``) or reading private state (the worker's ``_stopped``,
 ``_shutdown_grace_period_s``, ``_cancellation_hard_deadline_s``). A new SAQ release
 may rename or reorder what they rely on, so the pin's upper bound is the minor version;
-re-read ``saq/queue/redis.py`` and ``saq/worker.py`` before raising it. Public hooks
-are used where they serve: the job function, ``startup``/``shutdown``, the timers, the
-shutdown grace period, ``notify`` and ``version`` (public methods, overridden).
+re-read ``saq/queue/redis.py`` and ``saq/worker.py`` before raising it. What SAQ lets
+one set from outside is used as such, not overridden: the job function, the
+``startup``/``shutdown`` hooks (they open and close the container), the timers, the
+dequeue timeout, the shutdown grace period and the retry limit per job.
 
 :class:`JobqRedisQueue` (on ``RedisQueue``):
 
 - ``dequeue``: (1) once ``should_stop`` returns true (the worker got SIGTERM) it
   returns nothing, and a job that a blocked BLMOVE still receives goes back to the
-  head of the queue untouched: a stopping worker takes no new work. Upstream's
-  worker keeps dequeuing until its tasks are cancelled. (2) BLMOVE goes over the
-  process's blocking pool (``adapters.redis_clients``), the queue's other commands
-  over the command pool shared with the job store: upstream sends everything through
-  the one client it was given, so each idle slot held a command connection.
+  head of the queue untouched: a stopping worker takes no new work. Upstream starts
+  no new dequeue once stopping, but one already blocked still takes a job and starts
+  it during the grace period (to hand it back if it outlives it). (2) BLMOVE goes over
+  the process's blocking pool (``adapters.redis_clients``), the queue's other commands
+  over the command pool shared with the job store. Upstream sends everything through
+  the one client it was given, so on a shared pool each idle slot would hold one of
+  the store's connections for its whole dequeue timeout.
 - ``sweep``: upstream re-queues every job in the active list whose status is not
   ``active``. A job that BLMOVE just moved there stays ``queued`` until its worker
   marks it active; a sweep in that instant re-queued a job about to run, which then
