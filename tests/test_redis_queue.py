@@ -17,9 +17,11 @@ from saq.utils import now
 from adapters.redis_store import RedisStore
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
 from handlers.saq_worker import run_job
+from pipeline.delivery import Delivery, Outcome, deliver
 from pipeline.deps import Deps
 from pipeline.model import Job, StoreUnavailable
 from pipeline.offline import OfflineProvider
+from pipeline.request import validate_request
 from pipeline.vocabulary import JobStatus
 from tests.support.redis_server import free_port, redis_url, unique_prefix
 
@@ -190,8 +192,9 @@ async def test_a_delivery_that_lost_its_job_leaves_saq_s_record_alone(queue: Saq
     await queue.enqueue(job_id, timeout_s=30)
 
     class HeldElsewhere:
-        async def run(self, job_id: str) -> Job:
-            return Job(id=job_id, tenant="t", request={}, status=JobStatus.RUNNING, attempts=1)
+        async def deliver(self, job_id: str, **_: Any) -> Delivery:
+            job = Job(id=job_id, tenant="t", request={}, status=JobStatus.RUNNING, attempts=1)
+            return Delivery(Outcome.SUPERSEDED, job)
 
     await one_delivery(queue, HeldElsewhere())
     stored = await queue.saq.job(job_id)
@@ -273,14 +276,19 @@ async def test_a_job_whose_deliveries_keep_raising_ends_failed_in_the_store(queu
     """When SAQ gives up on a job whose deliveries keep raising, the worker fails the job
     in the job store too (worker_lost), so it does not stay queued or running for good."""
     store = RedisStore.from_url(redis_url(), prefix=queue.prefix)
-    job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request={}))
+    request = validate_request({"project_title": "Acme", "elevator_pitch": "Robots."}).to_dict()
+    job, _ = await store.create(Job(id=uuid.uuid4().hex, tenant="t", request=request))
     await queue.saq.enqueue(RUN_JOB_FUNCTION, key=job.id, job_id=job.id, retries=1, timeout=30)
 
-    class Crashing:
-        deps = Deps(store, OfflineProvider())
+    class StoreAway(OfflineProvider):
+        async def complete(self, request: Any, on_text: Any = None) -> Any:
+            raise StoreUnavailable("the store went away mid-run")
 
-        async def run(self, job_id: str) -> Job:
-            raise RuntimeError("a bug in the delivery")
+    class Crashing:
+        deps = Deps(store, StoreAway())
+
+        async def deliver(self, job_id: str, *, last_delivery: bool = False, **_: Any) -> Delivery:
+            return await deliver(job_id, self.deps, last_delivery=last_delivery)
 
     try:
         await one_delivery(queue, Crashing())
