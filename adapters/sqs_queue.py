@@ -1,6 +1,6 @@
 """The aws backend's queue: a standard SQS queue whose messages carry a job id.
 
-The sending side is the :class:`~adapters.ports.Queue` port. The receiving side
+The sending side is the :class:`~pipeline.ports.Queue` port. The receiving side
 (``receive``, ``delete``, ``change_visibility``) is what ``jobq worker`` uses to
 play the part Lambda's event source mapping plays in production.
 """
