@@ -4,7 +4,6 @@ redo its finished steps, neither by calling the LLM again nor from the step cach
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -13,22 +12,11 @@ import pytest
 
 from adapters.sqlite_store import SqliteStore
 from pipeline.delivery import run_job
-from pipeline.deps import Deps, PipelineConfig
+from pipeline.deps import Deps
 from pipeline.graph import LLM_STEPS, STEP_BY_NAME, STEPS
-from pipeline.model import Artifact, Event, Job
+from pipeline.model import Artifact
 from pipeline.offline import OfflineProvider
-from pipeline.request import validate_request
-from pipeline.views import initial_progress, initial_steps
-
-BODY = {
-    "project_title": "Tidewater Storage",
-    "elevator_pitch": (
-        "Tidewater rents container batteries to harbour cranes and sells the peak "
-        "shaving it saves. Two ports in Hamburg run pilots."
-    ),
-    "language": "en",
-}
-FAST = PipelineConfig(cancel_poll_s=0.02, llm_backoff_base_s=0.01, llm_backoff_max_s=0.05)
+from tests.test_pipeline_runner import FAST, new_job, wait_for_artifacts
 
 
 class CountingStore(SqliteStore):
@@ -55,28 +43,6 @@ async def counting_store() -> AsyncIterator[CountingStore]:
     await store.close()
 
 
-async def _new_job(store: SqliteStore, **body: Any) -> str:
-    request = validate_request({**BODY, **body})
-    job = Job(
-        id=str(uuid.uuid4()),
-        tenant="t",
-        request=request.to_dict(),
-        progress=initial_progress(),
-        steps=initial_steps(),
-    )
-    await store.create(job)
-    return job.id
-
-
-async def _events_until_artifacts(store: SqliteStore, job_id: str, count: int) -> list[Event]:
-    seen: list[Event] = []
-    while sum(e.type == "artifact_written" for e in seen) < count:
-        batch = await store.read_events(job_id, seen[-1].id if seen else 0, wait_s=10)
-        assert batch, "no progress within 10 s"
-        seen += batch
-    return seen
-
-
 async def test_resumed_job_keeps_finished_artifacts_and_does_not_redo_them_from_the_cache(
     counting_store: CountingStore,
 ) -> None:
@@ -85,9 +51,9 @@ async def test_resumed_job_keeps_finished_artifacts_and_does_not_redo_them_from_
     store = counting_store
     llm = OfflineProvider(latency_ms=40)
     deps = Deps(store, llm, FAST)
-    job_id = await _new_job(store, parallel_limit=2)  # the step cache is on (no skip_cache)
+    job_id = await new_job(store, parallel_limit=2)  # the step cache is on (no skip_cache)
     first = asyncio.create_task(run_job(job_id, deps))
-    await _events_until_artifacts(store, job_id, 6)
+    await wait_for_artifacts(store, job_id, 6)
     first.cancel()  # the worker dies: the job stays running, to be delivered again
     with pytest.raises(asyncio.CancelledError):
         await first
