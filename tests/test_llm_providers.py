@@ -450,7 +450,7 @@ async def test_offline_stream_is_spread_over_its_latency() -> None:
     assert sink.times[0] < 0.25 * done
     assert 0.55 <= done < 1.5, "the pieces are spread over the latency, not added to it"
     gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
-    assert max(gaps) < 0.3
+    assert max(gaps) < 0.45
 
 
 async def test_offline_at_zero_latency_sends_one_piece_at_once() -> None:

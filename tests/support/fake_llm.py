@@ -994,9 +994,11 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             """End a stream before its final chunk, as ``directive`` says."""
             opts = directive.options
             server._finish(record, status=200, cut=True)
-            self.close_connection = True
             if "error" in opts and events is not None:
                 self._chunk(events.error(int(opts["error"])))
+            # A body ended properly keeps the connection (the client may reuse it at
+            # once: closing it after would race the client's next request).
+            self.close_connection = not (opts.get("clean") or "error" in opts)
             if opts.get("reset"):
                 self.connection.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
