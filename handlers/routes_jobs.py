@@ -82,6 +82,9 @@ async def stream_job(
     container: h.ContainerDep,
     job_id: FromPath[str],
     last_event_id_query: Annotated[str | None, QueryParameter(name="lastEventId")] = None,
+    deltas: Annotated[
+        str | None, QueryParameter(description="0 leaves out the live `delta` events", pattern="^[01]$")
+    ] = None,
 ) -> ServerSentEvent:
     settings = container.settings
     scope = h.reader(request, settings)
@@ -100,6 +103,7 @@ async def stream_job(
             after,
             heartbeat_s=settings.sse_heartbeat_s,
             window_s=settings.sse_window_s,
+            deltas=deltas != "0",
             load_job=load_job,
         )
     )

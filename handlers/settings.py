@@ -189,6 +189,8 @@ class Settings(BaseSettings):
     llm_offline_latency_ms: Annotated[float, Between(0.0, 600_000.0)] = 0.0
     llm_timeout_s: Annotated[float, Between(0.1, 3600.0)] = 120.0
     llm_max_retries: Annotated[int, Between(0, 50)] = 6
+    live_deltas: bool = True
+    """``delta`` events of a running step's text (SPEC 7.1); ``LIVE_DELTAS=0`` turns them off."""
     llm_rpm: Annotated[int, Between(0, 10_000_000)] = 0
     llm_tpm: Annotated[int, Between(0, 1_000_000_000)] = 0
     llm_prices: Annotated[dict[str, tuple[float, float]], NoDecode, BeforeValidator(_prices)] = Field(

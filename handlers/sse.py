@@ -41,9 +41,11 @@ async def job_events(
     *,
     heartbeat_s: float,
     window_s: float = 0.0,
+    deltas: bool = True,
     load_job: Callable[[], Awaitable[Job | None]],
 ) -> AsyncIterator[ServerSentEventMessage]:
-    """``retry:`` first, then events after ``after`` until ``done``.
+    """``retry:`` first, then events after ``after`` until ``done``; ``deltas=False``
+    leaves out the ``delta`` events (their ids still count, so a resume stays exact).
 
     Waits in slices no longer than the heartbeat interval; with ``window_s > 0``
     (platforms that buffer the response) the stream ends after that long and the
@@ -66,6 +68,8 @@ async def job_events(
             if event.id <= after:
                 continue
             after = event.id
+            if not deltas and event.type == EventType.DELTA:
+                continue
             yield ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
             if event.type == EventType.DONE:
                 return

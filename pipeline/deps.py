@@ -23,6 +23,8 @@ class PipelineConfig:
     """First retry waits about this long; each further one doubles it (plus jitter)."""
     llm_backoff_max_s: float = 30.0
     cancel_poll_s: float = 0.25
+    live_deltas: bool = True
+    """Stream LLM answers into ``delta`` events while they are written (SPEC 7.1)."""
     price_per_1k_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
     """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from pipeline.deltas import StepDeltas
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.model import LLMError, LLMRequest, TraceRecord, now_ms
 from pipeline.prompts import render, repair_prompt
@@ -21,6 +22,10 @@ from pipeline.schemas import InvalidOutput, json_schema, parse_output, schema_na
 from pipeline.vocabulary import ErrorCode
 
 log = structlog.get_logger(__name__)
+
+CHARS_PER_TOKEN = 4
+"""Estimate of a streamed answer's tokens where the provider reported none (a call
+aborted mid-stream): one token per four characters, rounded up."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class StepCall:
     input_hashes: dict[str, str] = field(default_factory=dict)
     """Artifact name -> content hash of ``inputs``, when known (prompt rendering reuses
     the text of an artifact it has rendered before)."""
+    deltas: StepDeltas | None = None
+    """Where each attempt's streamed text goes (``delta`` events); ``None``: nowhere."""
     trace: Callable[[TraceRecord], None] | None = None
     """Where trace records go; ``None`` writes each to the store at once. The runner
     collects them and stores them with the step's artifact, in one round trip. A call
@@ -135,15 +142,25 @@ class _Caller:
         if remaining <= 0:
             raise LLMError(ErrorCode.TIMEOUT, "job deadline reached before the call")
         per_call = min(request.timeout_s, remaining)
+        deltas = self.call.deltas
+        on_text = deltas.sink(self.attempt) if deltas is not None else None
         started = time.perf_counter()
         try:
             async with asyncio.timeout(per_call):
-                reply = await self.deps.llm.complete(request)
+                reply = await self.deps.llm.complete(request, on_text)
         except asyncio.CancelledError:
             # Stopped from outside (the job was cancelled, another step failed, the
-            # worker is stopping): the provider may still bill the call, so it is traced.
+            # worker is stopping): the provider may still bill the call, so it is traced,
+            # with the completion tokens received estimated from the text streamed so far.
             if self.call.trace is not None:
-                self.call.trace(self._record(kind, "aborted", started, error="the job stopped"))
+                received = deltas.received if deltas is not None else 0
+                self.call.trace(
+                    self._record(
+                        kind, "aborted", started, error="the job stopped",
+                        completion_tokens=-(-received // CHARS_PER_TOKEN),
+                        tokens_estimated=True,
+                    )
+                )
             raise
         except TimeoutError:
             deadline_hit = per_call >= remaining

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pipeline.deltas import StepDeltas
 from pipeline.deps import Deps
 from pipeline.graph import LLM_STEPS, SECTION_STEPS, Step
 from pipeline.hashing import cache_key, make_artifact, verify_artifact
@@ -53,6 +54,14 @@ class StepExecutor:
         self.fresh: set[str] = set()
         """LLM steps whose artifact a call of this delivery made (not the cache)."""
         self._cache_keys: dict[str, str] = {}
+        self.delta_ids: list[int] = []
+        """Ids of the ``delta`` events written and not yet compacted."""
+
+    def take_delta_ids(self) -> list[int]:
+        """Ids of the ``delta`` events of calls that have ended, once: what the next
+        artifact's commit supersedes."""
+        ids, self.delta_ids = self.delta_ids, []
+        return ids
 
     def inputs(self, step: Step) -> dict[str, Any]:
         """Artifact name -> data of exactly the steps ``step`` depends on."""
@@ -72,7 +81,9 @@ class StepExecutor:
         return key
 
     async def call(self, step: Step) -> Artifact:
-        """The artifact of an LLM step, from a call; :class:`StepFailed` if none."""
+        """The artifact of an LLM step, from a call; :class:`StepFailed` if none. The
+        answer streams into ``delta`` events while it is written (``config.live_deltas``)."""
+        deltas = StepDeltas(self.deps.store, self.job_id, step.name) if self.deps.config.live_deltas else None
         call = StepCall(
             self.job_id,
             step.name,
@@ -80,6 +91,7 @@ class StepExecutor:
             self.inputs(step),
             self.deadline,
             {self.done[d].name: self.done[d].hash for d in step.depends_on},
+            deltas=deltas,
             trace=self.trace,
         )
         started = time.monotonic()
@@ -87,6 +99,10 @@ class StepExecutor:
             data = await call_llm_step(self.deps, call)
         except LLMError as exc:
             raise StepFailed(exc.code, exc.message, step.name) from exc
+        finally:
+            if deltas is not None:
+                await deltas.close()
+                self.delta_ids.extend(deltas.ids)
         model = self.deps.config.model_for(step.name)
         self.deps.latency.observe(step.name, model, time.monotonic() - started)
         self.fresh.add(step.name)

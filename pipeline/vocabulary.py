@@ -40,6 +40,8 @@ class EventType(StrEnum):
     RESULT = "result"
     ERROR = "error"
     DONE = "done"
+    DELTA = "delta"
+    """A running step's streamed text (SPEC 7.1); clients that do not know it ignore it."""
 
 
 class ErrorCode(StrEnum):

@@ -26,6 +26,7 @@ from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
 from pipeline.model import Job, LLMReply, LLMRequest, StoreUnavailable
 from pipeline.offline import OfflineProvider
+from pipeline.ports import TextSink
 from pipeline.vocabulary import JobStatus
 from tests.support.moto_server import TEST_MAX_RECEIVE_COUNT, aws_backend_env
 
@@ -57,10 +58,10 @@ class OutageForMarkedJobs:
     def __init__(self) -> None:
         self.inner = OfflineProvider()
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
         if CRASH_MARKER in json.dumps(request.context):
             raise StoreUnavailable("s3: connection reset (injected for this job)")
-        return await self.inner.complete(request)
+        return await self.inner.complete(request, on_text)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pipeline.deps import Deps, PipelineConfig
 from pipeline.llm_call import StepCall, backoff_delay, call_llm_step
 from pipeline.model import LLMError, LLMReply, LLMRequest
 from pipeline.offline import OfflineProvider
+from pipeline.ports import TextSink
 from pipeline.request import validate_request
 from pipeline.steps import build_pitch
 
@@ -42,7 +43,7 @@ class Scripted:
         self.requests: list[LLMRequest] = []
         self.offline = OfflineProvider()
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
         self.requests.append(request)
         item = self.script.pop(0) if self.script else "valid"
         if isinstance(item, LLMError):

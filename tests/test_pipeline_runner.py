@@ -17,7 +17,7 @@ from pipeline.graph import LLM_STEPS, STEP_BY_NAME, STEP_NAMES, STEPS
 from pipeline.hashing import content_hash
 from pipeline.model import Event, Job, LLMError, LLMReply, LLMRequest, StoreUnavailable
 from pipeline.offline import OfflineProvider
-from pipeline.ports import JobStore
+from pipeline.ports import JobStore, TextSink
 from pipeline.request import validate_request
 from pipeline.views import initial_progress, initial_steps, status_view
 from pipeline.vocabulary import JobStatus
@@ -96,9 +96,9 @@ async def test_critical_path_first_with_one_slot(store: SqliteStore) -> None:
     order: list[str] = []
 
     class Recording(OfflineProvider):
-        async def complete(self, request: LLMRequest) -> LLMReply:
+        async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
             order.append(request.step)
-            return await super().complete(request)
+            return await super().complete(request, on_text)
 
     job = await run_job(await new_job(store, parallel_limit=1), Deps(store, Recording(), FAST))
     assert job is not None and job.status == JobStatus.COMPLETED
@@ -336,11 +336,11 @@ class FailingStep(OfflineProvider):
         self.step = step
         self.error = error
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
         if request.step == self.step:
             self.calls_by_step[request.step] += 1
             raise self.error
-        return await super().complete(request)
+        return await super().complete(request, on_text)
 
 
 async def test_permanent_llm_error_fails_the_job_with_its_code_and_step(store: SqliteStore) -> None:
@@ -360,9 +360,9 @@ async def test_learned_step_durations_steer_the_critical_path(store: SqliteStore
     order: list[str] = []
 
     class Recording(OfflineProvider):
-        async def complete(self, request: LLMRequest) -> LLMReply:
+        async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
             order.append(request.step)
-            return await super().complete(request)
+            return await super().complete(request, on_text)
 
     deps = Deps(store, Recording(), FAST)
     for step in LLM_STEPS:
@@ -409,9 +409,9 @@ class _LoggedProvider(OfflineProvider):
         super().__init__(latency_ms)
         self.log = log
 
-    async def complete(self, request: LLMRequest) -> LLMReply:
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
         self.log.append(("called", request.step))
-        return await super().complete(request)
+        return await super().complete(request, on_text)
 
 
 def _inputs_committed_first(log: list[tuple[str, str]]) -> None:

@@ -268,7 +268,7 @@ async def test_a_crashed_last_delivery_fails_the_job_with_worker_lost(store: Sql
     """A delivery that raises is CRASHED; on the queue's last delivery the job fails with worker_lost."""
 
     class Breaks(OfflineProvider):
-        async def complete(self, request: Any) -> Any:
+        async def complete(self, request: Any, on_text: Any = None) -> Any:
             raise StoreUnavailable("store away mid-run")
 
     for last, outcome in ((False, Outcome.CRASHED), (True, Outcome.LOST)):

@@ -1,0 +1,104 @@
+"""Live model output: a running step's streamed text as ``delta`` events (SPEC 7.1).
+
+``{"step", "attempt", "offset", "text"}``: ``offset`` is the number of characters
+of this attempt's answer before ``text``, so one attempt's texts in order are its
+answer so far, and a reader can tell a duplicate or a gap. Deltas are coalesced:
+at most one per step per :data:`COALESCE_S`, the first no earlier than that after
+the attempt began, so a step that answers faster writes none (its artifact says
+it all). A retry or repair is a new attempt at offset 0.
+
+The text still buffered when a call ends is dropped: the step's artifact (or, for
+a failed attempt, the next attempt) supersedes it. Deltas are events of the job's
+log like any other, written with :meth:`JobStore.append_event`; a write that fails
+keeps its text for the next one, so offsets stay contiguous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import structlog
+
+from pipeline.ports import JobStore, TextSink
+from pipeline.vocabulary import EventType
+
+log = structlog.get_logger(__name__)
+
+COALESCE_S = 0.1
+"""Shortest time between two ``delta`` events of one step."""
+
+
+class StepDeltas:
+    """The ``delta`` events of one step of one job, across its attempts."""
+
+    def __init__(self, store: JobStore, job_id: str, step: str) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.step = step
+        self.attempt = 0
+        self._offset = 0
+        """Characters of this attempt's answer written as deltas."""
+        self._pending: list[str] = []
+        self._due = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.ids: list[int] = []
+        """Ids of the delta events this step wrote (all attempts)."""
+        self.received = 0
+        """Characters the current attempt received."""
+
+    def sink(self, attempt: int) -> TextSink:
+        """Where attempt ``attempt``'s text goes; a new attempt drops the old one's (a
+        write of the old one in flight lands, then its task ends)."""
+        self._task = None
+        self.attempt = attempt
+        self._offset = 0
+        self._pending = []
+        self.received = 0
+        self._due = time.monotonic() + COALESCE_S
+        return self._take
+
+    async def close(self) -> None:
+        """The call ended: drop what is buffered and let a write in flight land first
+        (so no delta of the step arrives after its artifact)."""
+        task, self._task = self._task, None
+        self._pending = []
+        if task is not None and not task.done():
+            await asyncio.wait({task})
+
+    def _take(self, text: str) -> None:
+        if not text:
+            return
+        self._pending.append(text)
+        self.received += len(text)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._write_when_due(self.attempt), name=f"job:{self.job_id}:delta:{self.step}"
+            )
+
+    async def _write_when_due(self, attempt: int) -> None:
+        while self._pending and attempt == self.attempt:
+            wait = self._due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            parts = len(self._pending)
+            text = "".join(self._pending)
+            data = {"step": self.step, "attempt": attempt, "offset": self._offset, "text": text}
+            try:
+                event = await self.store.append_event(self.job_id, EventType.DELTA, data)
+            except Exception as exc:  # kept for the next write: offsets stay contiguous
+                log.warning("delta_write_failed", job_id=self.job_id, step=self.step, error=str(exc))
+                self._due = time.monotonic() + COALESCE_S
+                continue
+            self.ids.append(event.id)
+            if attempt != self.attempt:
+                return
+            del self._pending[:parts]
+            self._offset += len(text)
+            self._due = time.monotonic() + COALESCE_S
+
+
+DeltaSinks = Callable[[int], TextSink]
+"""attempt number -> where that attempt's streamed text goes."""
