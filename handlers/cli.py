@@ -1,5 +1,6 @@
 """The ``jobq`` command: run the service (``serve``, ``worker``) and use it
-(``submit`` with a progress bar, ``status``, ``cancel``, ``artifacts``)."""
+(``submit`` with a progress bar and, with ``--live``, the text being written;
+``status``, ``cancel``, ``artifacts``, the dossier as Markdown)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from handlers.cli_live import LiveProgress, LiveText
 from handlers.settings import Settings, SettingsError
+from pipeline.dossier_markdown import render_markdown
 
 app = typer.Typer(help="Async job system for long LLM pipelines.", no_args_is_help=True)
 console = Console()
@@ -156,6 +159,10 @@ def submit(
     skip_cache: Annotated[bool, typer.Option("--skip-cache", help="Do not read the step cache.")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's progress.")] = True,
+    live: Annotated[
+        bool,
+        typer.Option("--live", help="Show the text each running step's model is writing under the bar."),
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
 ) -> None:
@@ -182,16 +189,20 @@ def submit(
         if not follow:
             console.print(f"follow it: jobq status {job_id} --url {url}")
             return
-    status = follow_job(url, api_key, job_id)
+    status = follow_job(url, api_key, job_id, live=live)
     console.print(f"the dossier: jobq artifacts {job_id} dossier --url {url}")
     raise typer.Exit(0 if status == "completed" else 1)
 
 
-def follow_job(url: str, api_key: str | None, job_id: str) -> str:
-    """Follow the SSE stream to ``done``, reconnecting with Last-Event-ID; returns the status."""
+def follow_job(url: str, api_key: str | None, job_id: str, *, live: bool = False) -> str:
+    """Follow the SSE stream to ``done``, reconnecting with Last-Event-ID; returns the status.
+    ``live`` shows the running steps' text from ``delta`` events; without it the stream
+    is asked to leave them out."""
     from httpx_sse import connect_sse
 
     last_id: str | None = None
+    writing = LiveText() if live else None
+    path = f"/api/jobs/{job_id}/stream" + ("" if live else "?deltas=0")
     final = "unknown"
     columns = (
         TextColumn("{task.description}"),
@@ -201,14 +212,14 @@ def follow_job(url: str, api_key: str | None, job_id: str) -> str:
         TimeElapsedColumn(),
     )
     with (
-        Progress(*columns, console=console) as progress,
+        LiveProgress(*columns, console=console, writing=writing) as progress,
         _client(url, api_key, timeout=None) as client,
     ):
         task = progress.add_task("queued", total=100, counter="")
         for _attempt in range(100):
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
-                with connect_sse(client, "GET", f"/api/jobs/{job_id}/stream", headers=headers) as source:
+                with connect_sse(client, "GET", path, headers=headers) as source:
                     if source.response.status_code >= 400:
                         source.response.read()
                         code = source.response.status_code
@@ -216,6 +227,8 @@ def follow_job(url: str, api_key: str | None, job_id: str) -> str:
                     for event in source.iter_sse():
                         last_id = event.id or last_id
                         data = json.loads(event.data) if event.data else {}
+                        if writing is not None:
+                            writing.event(event.event, data)
                         _show(progress, task, event.event, data)
                         if event.event == "done":
                             return str(data.get("status", final))
@@ -279,11 +292,28 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None) -> No
 def artifacts(
     job_id: str,
     name: Annotated[str | None, typer.Argument(help="Print this artifact in full.")] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="json (default), or md: the dossier as Markdown (with NAME dossier).",
+            case_sensitive=False,
+        ),
+    ] = "json",
     url: UrlOpt = DEFAULT_URL,
     api_key: KeyOpt = None,
 ) -> None:
-    """List a job's artifacts, or print one."""
+    """List a job's artifacts, or print one (the dossier also as Markdown)."""
+    output_format = output_format.lower()
+    if output_format not in ("json", "md"):
+        _fail("jobq: --format is json or md", 2)
+    if output_format == "md" and name != "dossier":
+        _fail("jobq: --format md prints the dossier: jobq artifacts ID dossier --format md", 2)
     with _client(url, api_key) as client:
+        if output_format == "md":
+            dossier = _call(client, "GET", f"/api/jobs/{job_id}/artifacts/dossier")["data"]
+            sys.stdout.write(render_markdown(dossier))
+            return
         if name is not None:
             console.print_json(data=_call(client, "GET", f"/api/jobs/{job_id}/artifacts/{name}"))
             return

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Request, Response, get, post
+from litestar import MediaType, Request, Response, get, post
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from handlers import http_common as h
 from handlers.sse import job_events, last_event_id, sse_response
+from pipeline.dossier_markdown import render_markdown, slug
 from pipeline.vocabulary import STATUSES, TERMINAL_STATUSES
 
 JSONDict = dict[str, Any]
@@ -133,6 +134,34 @@ async def get_artifact(
     return result
 
 
+@get(
+    "/api/jobs/{job_id:str}/dossier.md",
+    media_type="text/markdown",
+    summary="The dossier as Markdown",
+    tags=["artifacts"],
+)
+async def get_dossier_markdown(
+    request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
+) -> Response[Any]:
+    """The ``dossier`` artifact rendered as Markdown; 409 while the job has none."""
+    h.check_job_id(job_id)
+    scope = h.reader(request, container.settings)
+    job = await container.service.get(job_id, scope)
+    if job is None:
+        raise NotFoundException("job not found")
+    item = await container.service.artifact(job_id, scope, "dossier")
+    if item is None:
+        message = f"the job is {job.status} and has no dossier yet"
+        return Response(
+            {"error": "no_dossier", "message": message}, status_code=409, media_type=MediaType.JSON
+        )
+    filename = f"{slug(item['data'].get('title'))}.md"
+    return Response(
+        render_markdown(item["data"]),
+        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+    )
+
+
 @post("/api/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job", tags=["jobs"])
 async def cancel_job(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
@@ -175,6 +204,7 @@ ROUTES = [
     stream_job,
     list_artifacts,
     get_artifact,
+    get_dossier_markdown,
     cancel_job,
     get_trace,
 ]

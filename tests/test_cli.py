@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from handlers.cli_live import LiveText, readable
+from pipeline.dossier_markdown import render_markdown
+from pipeline.graph import SECTION_STEPS
 from tests.support.redis_server import redis_url
 from tests.support.service import ROOT, Service, base_env, free_port
 
@@ -29,13 +33,15 @@ def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
         service.stop()
 
 
-def jobq(service: Service, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def jobq(
+    service: Service, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "handlers.cli", *args, "--url", service.base_url]
         if args and args[0] != "--help"
         else [sys.executable, "-m", "handlers.cli", *args],
         cwd=ROOT,
-        env={**base_env(), "COLUMNS": "200"},
+        env={**base_env(), "COLUMNS": "200", **(env or {})},
         input=stdin,
         capture_output=True,
         text=True,
@@ -149,3 +155,106 @@ def test_a_redis_url_that_redis_refuses_stops_the_process_with_one_line(command:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "REDIS_URL" in lines[0] and "refused" in lines[0], lines
+
+
+def test_artifacts_dossier_as_markdown(local_service: Service) -> None:
+    """`jobq artifacts ID dossier --format md` prints the dossier as the same Markdown the API serves;
+    without --format the dossier is JSON as before, and md for another artifact is a usage error."""
+    result = jobq(local_service, "submit", "--title", "CLI | Markdown", "--pitch", "Soap for ships.")
+    assert result.returncode == 0, result.stderr + result.stdout
+    job_id = _job_id(result.stdout)
+    markdown = jobq(local_service, "artifacts", job_id, "dossier", "--format", "md")
+    assert markdown.returncode == 0, markdown.stderr
+    with local_service.client() as client:
+        dossier = client.get(f"/api/jobs/{job_id}/artifacts/dossier").json()["data"]
+        served = client.get(f"/api/jobs/{job_id}/dossier.md").text
+    assert markdown.stdout == render_markdown(dossier) == served
+    assert markdown.stdout.startswith("# CLI \\| Markdown\n")
+    as_json = jobq(local_service, "artifacts", job_id, "dossier")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["data"] == dossier
+    wrong = jobq(local_service, "artifacts", job_id, "pitch", "--format", "md")
+    assert wrong.returncode == 2 and "--format md" in wrong.stderr
+
+
+def test_live_text_follows_delta_events() -> None:
+    """Recorded `delta` events build each step's text; a new attempt drops the old text, a replayed
+    delta is not shown twice, and a step leaves the display once its status is completed."""
+    live = LiveText()
+    events = [
+        ("delta", {"step": "market", "attempt": 1, "offset": 0, "text": '{"headline":"Mar'}),
+        ("delta", {"step": "team", "attempt": 1, "offset": 0, "text": '{"headline":"Team A"'}),
+        ("delta", {"step": "market", "attempt": 1, "offset": 16, "text": 'ket one","bullets":["a'}),
+        ("delta", {"step": "market", "attempt": 1, "offset": 16, "text": 'ket one","bullets":["a'}),
+    ]
+    for kind, data in events:
+        live.event(kind, data)
+    assert live.tail(80) == [
+        ("market", ["headline: Market one", "bullets:", "  - a"]),
+        ("team", ["headline: Team A"]),
+    ]
+    live.event("delta", {"step": "market", "attempt": 2, "offset": 0, "text": '{"headline":"Retry'})
+    live.event("delta", {"step": "market", "attempt": 1, "offset": 38, "text": "late old text"})
+    assert live.tail(80)[0] == ("market (attempt 2)", ["headline: Retry"])
+    live.event("status", {"steps": {"market": "running", "team": "completed"}})
+    assert [label for label, _ in live.tail(80)] == ["market (attempt 2)"]
+    live.event("done", {"status": "completed"})
+    assert live.tail(80) == []
+
+
+def test_live_text_shows_the_tail_of_a_long_answer() -> None:
+    """Only the last lines of a long answer show, wrapped to the terminal, marked as cut with '…'."""
+    live = LiveText()
+    narrative = " ".join(f"word{i}" for i in range(60))
+    text = json.dumps({"headline": "H", "bullets": ["one", "two"], "narrative": narrative})
+    for offset in range(0, len(text), 7):
+        piece = text[offset : offset + 7]
+        live.event("delta", {"step": "gtm", "attempt": 1, "offset": offset, "text": piece})
+    [(label, lines)] = live.tail(40)
+    assert label == "gtm" and len(lines) == LiveText.LINES
+    assert lines[0].startswith("…") and lines[-1].endswith("word59")
+    assert all(len(line) <= 41 for line in lines)
+
+
+def test_readable_turns_partial_json_into_lines() -> None:
+    """A model's JSON cut mid-string reads as key: value lines with escapes decoded; other text stays."""
+    partial = '{"headline":"Caf\\u00e9 \\"Nord\\"","data":{"tam_eur":1200,"note":"line1\\nline2'
+    assert readable(partial) == 'headline: Café "Nord"\ndata:\n  tam_eur: 1200\n  note: line1\nline2'
+    assert readable('```json\n["a",') == "- a"
+    assert readable("plain prose") == "plain prose"
+
+
+ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+"""Colours and cursor moves of a terminal display, to read the text it shows."""
+
+
+@pytest.fixture(scope="module")
+def slow_local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("cli-slow")
+    env = {
+        **base_env(),
+        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
+        "LLM_OFFLINE_LATENCY_MS": "600",
+    }
+    service = Service(backend="local", env=env, log_dir=workdir)
+    try:
+        yield service.start()
+    finally:
+        service.stop()
+
+
+def test_submit_live_shows_the_text_being_written(slow_local_service: Service) -> None:
+    """`jobq submit --live` on a terminal shows, under the bar, the running steps' text as the models
+    write it (from the stream's delta events); without --live the output has no such lines."""
+    terminal = {"TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}
+    args = ("submit", "--title", "Live Vines", "--pitch", "Drones scout vineyards.", "--language", "en")
+    live = jobq(slow_local_service, *args, "--parallel-limit", "4", "--live", env=terminal)
+    assert live.returncode == 0, live.stderr + live.stdout[-2000:]
+    shown = ANSI_CONTROL.sub("", live.stdout)
+    sections = "|".join(SECTION_STEPS)
+    assert re.search(rf"▸ ({sections})\n", shown), shown[-3000:]
+    assert re.search(r"headline: [A-Za-z ]+: Live Vines - ", shown)
+    assert "narrative: Live Vines addresses" in shown
+    plain = jobq(slow_local_service, *args, "--parallel-limit", "4", "--skip-cache", env=terminal)
+    assert plain.returncode == 0, plain.stderr
+    shown = ANSI_CONTROL.sub("", plain.stdout)
+    assert "completed" in shown and "▸" not in shown and "headline:" not in shown
