@@ -183,6 +183,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         llm_max_retries=settings.llm_max_retries,
         price_per_1k_tokens=dict(settings.llm_prices),
         live_deltas=settings.live_deltas,
+        context_windows=dict(settings.llm_context_windows),
     )
 
 

@@ -15,6 +15,7 @@ from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
 from pipeline.model import Job
+from pipeline.routing import effective_config
 from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
 
 JSONDict = dict[str, Any]
@@ -54,6 +55,19 @@ async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> J
     body: JSONDict = await container.service.stats()
     body.setdefault("backend", container.settings.backend)
     return body
+
+
+@get("/api/config", summary="Effective configuration (no secrets)", tags=["ops"])
+async def config(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
+    settings = container.settings
+    h.tenant(request, settings)
+    return effective_config(
+        backend=settings.backend,
+        provider=container.deps.llm.name,
+        config=container.deps.config,
+        rpm=settings.llm_rpm,
+        tpm=settings.llm_tpm,
+    )
 
 
 @get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -146,4 +160,4 @@ async def legacy_generate(
     return await _legacy(request, container, metrics, limiter, "v2_dossier_generate")
 
 
-ROUTES = [health, health_v2, stats, metrics, index, legacy_auto, legacy_generate]
+ROUTES = [health, health_v2, stats, config, metrics, index, legacy_auto, legacy_generate]

@@ -39,6 +39,8 @@ from adapters.constants import KEY_PREFIX
 LLM_PROVIDERS = ("offline", "openai", "anthropic")
 DEFAULT_MODELS = {"offline": "offline", "openai": "gpt-5.4-mini", "anthropic": "claude-sonnet-5-5"}
 STEP_MODEL_PREFIX = "LLM_MODEL_"
+CONTEXT_PREFIX = "LLM_CONTEXT_"
+CONTEXT_TOKENS = (256, 100_000_000)
 DEFAULT_STORE_URL = "sqlite:///./data/jobq.db"
 DEFAULT_QUEUE_URL = "memory://"
 
@@ -151,7 +153,28 @@ class _Environment(EnvSettingsSource):
         }
         if steps:
             data["LLM_STEP_MODELS"] = steps
+        windows = {
+            name[len(CONTEXT_PREFIX) :].upper(): _context_tokens(name, value)
+            for name, value in self.env_vars.items()
+            if name.startswith(CONTEXT_PREFIX) and len(name) > len(CONTEXT_PREFIX) and value is not None
+        }
+        if windows:
+            data["LLM_CONTEXT_WINDOWS"] = windows
         return data
+
+
+def _context_tokens(name: str, raw: str) -> int:
+    """``LLM_CONTEXT_<MODEL>``: a model's context window in tokens."""
+    lo, hi = CONTEXT_TOKENS
+    try:
+        tokens = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(
+            f"{name}={raw!r} is not an integer (the model's context window in tokens)"
+        ) from None
+    if not lo <= tokens <= hi:
+        raise SettingsError(f"{name}={raw} must be between {lo} and {hi} (tokens)")
+    return tokens
 
 
 class Settings(BaseSettings):
@@ -181,6 +204,8 @@ class Settings(BaseSettings):
     """Per provider when not set."""
     llm_step_models: Annotated[dict[str, str], DERIVED] = Field(default_factory=dict)
     """From ``LLM_MODEL_<STEP>``."""
+    llm_context_windows: Annotated[dict[str, int], DERIVED] = Field(default_factory=dict)
+    """From ``LLM_CONTEXT_<MODEL>`` (tokens), keyed by ``<MODEL>``."""
     openai_api_key: str | None = None
     openai_base_url: HttpUrl = None
     openai_json_mode: Literal["json_schema", "json_object"] = "json_schema"

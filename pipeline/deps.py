@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline.context_guard import context_window
 from pipeline.latency import LatencyModel
 from pipeline.ports import JobStore, LLMProvider, RateLimiter
 
@@ -27,9 +28,16 @@ class PipelineConfig:
     """Stream LLM answers into ``delta`` events while they are written (SPEC 7.1)."""
     price_per_1k_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
     """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate."""
+    context_windows: dict[str, int] = field(default_factory=dict)
+    """``LLM_CONTEXT_<MODEL>`` overrides in tokens, keyed by ``<MODEL>`` (see
+    :func:`pipeline.context_guard.context_env_key`); other models use the shipped table."""
 
     def model_for(self, step: str) -> str:
         return self.step_models.get(step, self.default_model)
+
+    def context_window(self, model: str) -> int:
+        """Tokens of ``model``'s context window (the context guard's ``ctx_max``)."""
+        return context_window(model, self.context_windows)
 
 
 @dataclass

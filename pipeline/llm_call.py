@@ -14,6 +14,13 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from pipeline.context_guard import (
+    ContextOverflow,
+    context_env_key,
+    estimate_tokens,
+    fit,
+    output_reserve,
+)
 from pipeline.deltas import StepDeltas
 from pipeline.deps import Deps, PipelineConfig
 from pipeline.model import LLMError, LLMRequest, TraceRecord, now_ms
@@ -106,6 +113,9 @@ class _Caller:
         self.deps = deps
         self.call = call
         self.attempt = 0
+        self.guard: dict[str, Any] = {}
+        """The context guard's fields of the current request's records: ``ctx_max``,
+        ``prompt_tokens_est``, ``truncate_applied`` (and ``sources_dropped``)."""
 
     async def trace(self, kind: str, outcome: str, started: float, **extra: Any) -> None:
         record = self._record(kind, outcome, started, **extra)
@@ -131,8 +141,20 @@ class _Caller:
             "outcome": outcome,
             "cost_usd": cost_usd(self.deps.config, model, prompt_tokens, completion_tokens),
             "ts": now_ms(),
+            **self.guard,
             **extra,
         }
+
+    def overflow(self, kind: str, tokens: int, ctx_max: int, reserve: int, note: str) -> LLMError:
+        """The error of a request the context guard stopped: no provider call, so no
+        trace record (the trace lists calls); the message carries the numbers."""
+        model = self.deps.config.model_for(self.call.step)
+        return LLMError(
+            ErrorCode.LLM_CONTEXT_OVERFLOW,
+            f"{self.deps.llm.name}: the {kind} prompt of step {self.call.step} needs about "
+            f"{tokens} tokens; model {model} has a context window of {ctx_max} with {reserve} "
+            f"reserved for the answer{note} (LLM_CONTEXT_{context_env_key(model)} sets the window)",
+        )
 
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         """One provider call and validation of its answer."""
@@ -248,28 +270,57 @@ class _Caller:
 async def call_llm_step(deps: Deps, call: StepCall) -> dict[str, Any]:
     """Validated output of one LLM step, or :class:`LLMError` (``code`` says why)."""
     schema = json_schema(call.step)
+    model = deps.config.model_for(call.step)
     system, prompt = render(call.step, call.language, call.inputs, schema, call.input_hashes)
+    caller = _Caller(deps, call)
+    # The context guard: one length estimate per call; a re-render only when it does
+    # not fit (evidence trimmed, least relevant sources first).
+    ctx_max = deps.config.context_window(model)
+    reserve = output_reserve(ctx_max)
+    budget = ctx_max - reserve
+
+    def rerender(inputs: dict[str, Any], changed: bool) -> tuple[str, str]:
+        hashes = call.input_hashes
+        if changed:  # the evidence is no longer the stored artifact its hash names
+            hashes = {name: digest for name, digest in hashes.items() if name != "sources"}
+        return render(call.step, call.language, inputs, schema, hashes)
+
+    caller.guard = {"ctx_max": ctx_max, "truncate_applied": False}
+    try:
+        fitted = fit(system, prompt, call.inputs, budget, rerender)
+    except ContextOverflow as exc:
+        note = ", even with all evidence left out" if exc.trimmed else ""
+        raise caller.overflow("call", exc.tokens, ctx_max, reserve, note) from None
+    caller.guard["prompt_tokens_est"] = fitted.tokens
+    if fitted.dropped:
+        caller.guard |= {"truncate_applied": True, "sources_dropped": fitted.dropped}
+        log.info("llm_prompt_truncated", job_id=call.job_id, step=call.step, sources_dropped=fitted.dropped)
     request = LLMRequest(
         step=call.step,
-        model=deps.config.model_for(call.step),
-        system=system,
-        prompt=prompt,
+        model=model,
+        system=fitted.system,
+        prompt=fitted.prompt,
         schema=schema,
         schema_name=schema_name(call.step),
         language=call.language,
+        max_tokens=reserve,
         timeout_s=deps.config.llm_timeout_s,
-        context=call.inputs,
+        context=fitted.inputs,
     )
-    caller = _Caller(deps, call)
     try:
         return await caller.with_retries(request, "call")
     except _InvalidAnswer as first:
         log.warning("llm_output_invalid", job_id=call.job_id, step=call.step, error=first.error)
         repair = replace(
             request,
-            history=(*request.history, ("user", prompt), ("assistant", first.text)),
+            history=(*request.history, ("user", request.prompt), ("assistant", first.text)),
             prompt=repair_prompt(call.language, first.error),
         )
+        tokens = estimate_tokens(repair.system, repair.prompt, repair.history)
+        caller.guard["prompt_tokens_est"] = tokens
+        if tokens > budget:
+            note = ", with the invalid answer quoted"
+            raise caller.overflow("repair", tokens, ctx_max, reserve, note) from first
         try:
             return await caller.with_retries(repair, "repair")
         except _InvalidAnswer as second:

@@ -52,6 +52,8 @@ class ErrorCode(StrEnum):
     LLM_BAD_REQUEST = "llm_bad_request"
     LLM_UNAVAILABLE = "llm_unavailable"
     LLM_INVALID_OUTPUT = "llm_invalid_output"
+    LLM_CONTEXT_OVERFLOW = "llm_context_overflow"
+    """The prompt does not fit the model's context window even with no evidence left."""
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     WORKER_LOST = "worker_lost"
