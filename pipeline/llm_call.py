@@ -285,27 +285,33 @@ async def call_llm_step(deps: Deps, call: StepCall) -> dict[str, Any]:
             hashes = {name: digest for name, digest in hashes.items() if name != "sources"}
         return render(call.step, call.language, inputs, schema, hashes)
 
-    caller.guard = {"ctx_max": ctx_max, "truncate_applied": False}
-    try:
-        fitted = fit(system, prompt, call.inputs, budget, rerender)
-    except ContextOverflow as exc:
-        note = ", even with all evidence left out" if exc.trimmed else ""
-        raise caller.overflow("call", exc.tokens, ctx_max, reserve, note) from None
-    caller.guard["prompt_tokens_est"] = fitted.tokens
-    if fitted.dropped:
-        caller.guard |= {"truncate_applied": True, "sources_dropped": fitted.dropped}
+    tokens = estimate_tokens(system, prompt)
+    inputs = call.inputs
+    caller.guard = {"ctx_max": ctx_max, "prompt_tokens_est": tokens, "truncate_applied": False}
+    if tokens > budget:
+        try:
+            fitted = fit(system, prompt, inputs, budget, rerender)
+        except ContextOverflow as exc:
+            note = ", even with all evidence left out" if exc.trimmed else ""
+            raise caller.overflow("call", exc.tokens, ctx_max, reserve, note) from None
+        system, prompt, inputs = fitted.system, fitted.prompt, fitted.inputs
+        caller.guard |= {
+            "prompt_tokens_est": fitted.tokens,
+            "truncate_applied": True,
+            "sources_dropped": fitted.dropped,
+        }
         log.info("llm_prompt_truncated", job_id=call.job_id, step=call.step, sources_dropped=fitted.dropped)
     request = LLMRequest(
         step=call.step,
         model=model,
-        system=fitted.system,
-        prompt=fitted.prompt,
+        system=system,
+        prompt=prompt,
         schema=schema,
         schema_name=schema_name(call.step),
         language=call.language,
         max_tokens=reserve,
         timeout_s=deps.config.llm_timeout_s,
-        context=fitted.inputs,
+        context=inputs,
     )
     try:
         return await caller.with_retries(request, "call")
