@@ -252,6 +252,30 @@ async def test_a_bare_prompt_too_big_fails_with_llm_context_overflow_and_no_requ
     assert llm.requests == [] and trace == []
 
 
+class Malformed(Recording):
+    """Answers the first request with text that is no JSON, then like the offline provider."""
+
+    async def complete(self, request: LLMRequest, on_text: TextSink | None = None) -> LLMReply:
+        if not self.requests:
+            self.requests.append(request)
+            return LLMReply(text="Sure! " + "the market is big " * 40, model=request.model)
+        return await super().complete(request, on_text)
+
+
+async def test_a_repair_that_would_not_fit_fails_with_llm_context_overflow(store: SqliteStore) -> None:
+    """The first prompt fits, the repair quoting the bad answer does not: overflow, no second request."""
+    trace: list[dict[str, Any]] = []
+    roomy = Deps(store, Recording(), PipelineConfig(default_model="tiny"))
+    await call_llm_step(roomy, market_call(SOURCES, trace))
+    window = 2 * (trace[-1]["prompt_tokens_est"] + 20)
+    llm = Malformed()
+    config = PipelineConfig(default_model="tiny", context_windows={"TINY": window})
+    with pytest.raises(LLMError) as caught:
+        await call_llm_step(Deps(store, llm, config), market_call(SOURCES, trace))
+    assert caught.value.code == "llm_context_overflow" and "repair" in caught.value.message
+    assert len(llm.requests) == 1 and trace[-1]["truncate_applied"] is False
+
+
 # -- whole jobs ---------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import ServiceFactory
-from tests.contract.helpers import LLM_STEPS, body
+from tests.contract.helpers import LLM_STEPS, body, llm_calls, submit, trace, wait_for
 from tests.support.service import Service
 
 SECRETS = {
@@ -55,6 +55,19 @@ def test_config_shows_routing_context_windows_rate_gate_and_limits(service: Serv
             refused = client.post("/api/jobs", json=body(**{name: top + 1}))
             assert refused.status_code == 400, refused.text
             assert [d["field"] for d in refused.json()["details"]] == [name]
+
+
+def test_every_call_in_the_trace_carries_the_guards_numbers(service: Service) -> None:
+    """Each LLM call's trace record has ctx_max as /api/config routes it, an estimate and no trimming."""
+    with service.client() as client:
+        routing = client.get("/api/config").json()["effective_routing"]
+        job_id = submit(client)
+        assert wait_for(client, job_id)["status"] == "completed"
+        calls = llm_calls(trace(client, job_id))
+        assert {c["step"] for c in calls} == set(LLM_STEPS)
+        for call in calls:
+            assert call["ctx_max"] == routing[call["step"]]["ctx_max"], call
+            assert call["prompt_tokens_est"] > 100 and call["truncate_applied"] is False, call
 
 
 def test_config_carries_no_secret_and_needs_a_key_like_other_reads(service_factory: ServiceFactory) -> None:
