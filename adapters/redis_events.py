@@ -36,10 +36,6 @@ class RedisEventLog:
             )
         return Event(int(event_id), type, data)
 
-    async def drop(self, job_id: str, ids: list[int]) -> None:
-        async with bounded("redis"):
-            await self._redis.xdel(self._stream(job_id), *(f"{n}-0" for n in ids))
-
     async def read(self, job_id: str, after: int, wait_s: float) -> list[Event]:
         stream: dict[Any, Any] = {self._stream(job_id): f"{after}-0"}
         async with bounded("redis"):

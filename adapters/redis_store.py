@@ -251,9 +251,6 @@ class RedisStore(JobStore):
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
         return await self._events.read(job_id, after, wait_s)
 
-    async def _drop_events(self, job_id: str, ids: list[int]) -> None:
-        await self._events.drop(job_id, ids)
-
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         key = self._key(TRACE_KEY, job_id)
         async with bounded("redis"), self._redis.pipeline(transaction=True) as pipe:

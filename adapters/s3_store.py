@@ -330,10 +330,6 @@ class S3Store(JobStore):
                 return events
             await asyncio.sleep(min(EVENT_POLL_S, left))
 
-    async def _drop_events(self, job_id: str, ids: list[int]) -> None:
-        prefix = self._events_prefix(job_id)
-        await self._s3.delete_keys(f"{prefix}{n:010d}.json" for n in ids)
-
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
         await self._s3.put(self._key(TRACE_KEY, quote(job_id, safe=""), name), record)

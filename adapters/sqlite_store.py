@@ -276,15 +276,6 @@ class SqliteStore(SqliteDatabase, JobStore):
                 return []
         return await self._fetch_events(job_id, after)
 
-    async def _drop_events(self, job_id: str, ids: list[int]) -> None:
-        async with self._write():
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                await self.db.execute(
-                    f"DELETE FROM events WHERE job_id=? AND id IN ({marks})", (job_id, *chunk)
-                )
-
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         async with self._write():
             await self.db.execute(

@@ -67,7 +67,6 @@ class CommitBuffer:
         self._artifacts: list[Artifact] = []
         self._cache: list[tuple[str, Artifact]] = []
         self._traces: list[JSON] = []
-        self._compact: list[int] = []
         self._buffered = 0
         """Generation of the last write buffered; ``_written`` of the last one stored."""
         self._written = 0
@@ -97,12 +96,8 @@ class CommitBuffer:
         artifacts: Iterable[Artifact] = (),
         cache: Iterable[tuple[str, Artifact]] = (),
         traces: Iterable[JSON] = (),
-        compact: Iterable[int] = (),
     ) -> int:
-        """Queue writes for the next commit; returns their generation for :meth:`flush`.
-        ``compact``: ids of events (``delta``) the commit supersedes, removed from the
-        log once it has landed."""
-        self._compact.extend(compact)
+        """Queue writes for the next commit; returns their generation for :meth:`flush`."""
         self._events.extend(events)
         self._artifacts.extend(artifacts)
         self._cache.extend(cache)
@@ -143,7 +138,6 @@ class CommitBuffer:
             artifacts, self._artifacts = self._artifacts, []
             cache, self._cache = self._cache, []
             traces, self._traces = self._traces, []
-            compact, self._compact = self._compact, []
             self._unwritten_since = None
             writing = self.store.commit(
                 self.job_id,
@@ -172,15 +166,6 @@ class CommitBuffer:
                 self.stopped = True
                 raise Stopped
             self._written = generation
-            if compact:
-                await self._compact_events(compact)
-
-    async def _compact_events(self, ids: list[int]) -> None:
-        """Remove superseded events; a failure leaves them (a reader skips them)."""
-        try:
-            await self.store.drop_events(self.job_id, ids)
-        except Exception as exc:
-            log.warning("job_compaction_failed", job_id=self.job_id, events=len(ids), error=str(exc))
 
     def write_behind(self, generation: int) -> None:
         """Flush up to ``generation`` in a task of its own; nothing waits for it. A

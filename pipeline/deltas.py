@@ -7,6 +7,12 @@ at most one per step per :data:`COALESCE_S`, the first no earlier than that afte
 the attempt began, so a step that answers faster writes none (its artifact says
 it all). A retry or repair is a new attempt at offset 0.
 
+The log is never rewritten (a replay shows what a live reader saw), so a long
+answer's deltas thin out instead: the gap before the next one is at least the
+attempt's age over :data:`FULL_RATE_DELTAS`. An attempt of ``T`` seconds writes at
+most ``FULL_RATE_DELTAS * (1 + ln(T / (FULL_RATE_DELTAS * COALESCE_S))) + 1``
+deltas: about 30 in its first 3 s, 87 in 20 s, 142 in 120 s (``LLM_TIMEOUT_S``'s default).
+
 The text still buffered when a call ends is dropped: the step's artifact (or, for
 a failed attempt, the next attempt) supersedes it. Deltas are events of the job's
 log like any other, written with :meth:`JobStore.append_event`; a write that fails
@@ -28,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 COALESCE_S = 0.1
 """Shortest time between two ``delta`` events of one step."""
+FULL_RATE_DELTAS = 30
+"""Deltas an attempt writes at the full rate before they thin out."""
 
 
 class StepDeltas:
@@ -42,9 +50,8 @@ class StepDeltas:
         """Characters of this attempt's answer written as deltas."""
         self._pending: list[str] = []
         self._due = 0.0
+        self._began = 0.0
         self._task: asyncio.Task[None] | None = None
-        self.ids: list[int] = []
-        """Ids of the delta events this step wrote (all attempts)."""
         self.received = 0
         """Characters the current attempt received."""
 
@@ -56,7 +63,8 @@ class StepDeltas:
         self._offset = 0
         self._pending = []
         self.received = 0
-        self._due = time.monotonic() + COALESCE_S
+        self._began = time.monotonic()
+        self._due = self._began + COALESCE_S
         return self._take
 
     async def close(self) -> None:
@@ -87,17 +95,17 @@ class StepDeltas:
             text = "".join(self._pending)
             data = {"step": self.step, "attempt": attempt, "offset": self._offset, "text": text}
             try:
-                event = await self.store.append_event(self.job_id, EventType.DELTA, data)
+                await self.store.append_event(self.job_id, EventType.DELTA, data)
             except Exception as exc:  # kept for the next write: offsets stay contiguous
                 log.warning("delta_write_failed", job_id=self.job_id, step=self.step, error=str(exc))
                 self._due = time.monotonic() + COALESCE_S
                 continue
-            self.ids.append(event.id)
             if attempt != self.attempt:
                 return
             del self._pending[:parts]
             self._offset += len(text)
-            self._due = time.monotonic() + COALESCE_S
+            now = time.monotonic()
+            self._due = now + max(COALESCE_S, (now - self._began) / FULL_RATE_DELTAS)
 
 
 DeltaSinks = Callable[[int], TextSink]

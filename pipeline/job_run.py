@@ -270,7 +270,6 @@ class JobRun:
             artifacts=[artifact],
             cache=[(self.steps.cache_key(step), artifact)] if fresh else [],
             traces=traces,
-            compact=self.steps.take_delta_ids(),
         )
         if step.name != FINAL_STEP:
             self.writes.write_behind(generation)

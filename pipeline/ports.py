@@ -133,13 +133,6 @@ class JobStore(ABC):
         ``wait_s`` for the next one (without a busy loop where the backend can)."""
         return await self._read_events(job_id, after, max(0.0, wait_s))
 
-    async def drop_events(self, job_id: str, ids: Collection[int]) -> None:
-        """Remove events ``ids`` from a job's log: compaction of ``delta`` events once
-        their step's artifact is stored. Ids are never issued again; a reader resuming
-        after a removed id goes on with the next event. Never the log's last event."""
-        if ids:
-            await self._drop_events(job_id, sorted(ids))
-
     async def add_trace(self, job_id: str, record: TraceRecord) -> None:
         await self._add_trace(job_id, record)
 
@@ -248,8 +241,6 @@ class JobStore(ABC):
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event: ...
     @abstractmethod
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]: ...
-    @abstractmethod
-    async def _drop_events(self, job_id: str, ids: list[int]) -> None: ...
     @abstractmethod
     async def _add_trace(self, job_id: str, record: TraceRecord) -> None: ...
     @abstractmethod

@@ -54,14 +54,6 @@ class StepExecutor:
         self.fresh: set[str] = set()
         """LLM steps whose artifact a call of this delivery made (not the cache)."""
         self._cache_keys: dict[str, str] = {}
-        self.delta_ids: list[int] = []
-        """Ids of the ``delta`` events written and not yet compacted."""
-
-    def take_delta_ids(self) -> list[int]:
-        """Ids of the ``delta`` events of calls that have ended, once: what the next
-        artifact's commit supersedes."""
-        ids, self.delta_ids = self.delta_ids, []
-        return ids
 
     def inputs(self, step: Step) -> dict[str, Any]:
         """Artifact name -> data of exactly the steps ``step`` depends on."""
@@ -102,7 +94,6 @@ class StepExecutor:
         finally:
             if deltas is not None:
                 await deltas.close()
-                self.delta_ids.extend(deltas.ids)
         model = self.deps.config.model_for(step.name)
         self.deps.latency.observe(step.name, model, time.monotonic() - started)
         self.fresh.add(step.name)
