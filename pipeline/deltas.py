@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 
 import structlog
 
@@ -52,12 +51,17 @@ class StepDeltas:
         self._due = 0.0
         self._began = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        """Starts the writer when the first delta is due."""
+        self._writing = False
+        """A write of the writer is in flight."""
         self.received = 0
         """Characters the current attempt received."""
 
     def sink(self, attempt: int) -> TextSink:
         """Where attempt ``attempt``'s text goes; a new attempt drops the old one's (a
         write of the old one in flight lands, then its task ends)."""
+        self._cancel_timer()
         self._task = None
         self.attempt = attempt
         self._offset = 0
@@ -68,22 +72,39 @@ class StepDeltas:
         return self._take
 
     async def close(self) -> None:
-        """The call ended: drop what is buffered and let a write in flight land first
-        (so no delta of the step arrives after its artifact)."""
+        """The call ended: drop what is buffered; a write in flight lands first (so no
+        delta of the step arrives after its artifact), a writer waiting for its turn
+        is cancelled without a wait (most calls end before their first delta)."""
+        self._cancel_timer()
         task, self._task = self._task, None
         self._pending = []
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        if self._writing:
             await asyncio.wait({task})
+        else:
+            task.cancel()
 
     def _take(self, text: str) -> None:
         if not text:
             return
         self._pending.append(text)
         self.received += len(text)
-        if self._task is None or self._task.done():
+        if self._timer is None and (self._task is None or self._task.done()):
+            delay = max(0.0, self._due - time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._start, self.attempt)
+
+    def _start(self, attempt: int) -> None:
+        self._timer = None
+        if self._pending and attempt == self.attempt:
             self._task = asyncio.get_running_loop().create_task(
-                self._write_when_due(self.attempt), name=f"job:{self.job_id}:delta:{self.step}"
+                self._write_when_due(attempt), name=f"job:{self.job_id}:delta:{self.step}"
             )
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _write_when_due(self, attempt: int) -> None:
         while self._pending and attempt == self.attempt:
@@ -94,19 +115,18 @@ class StepDeltas:
             parts = len(self._pending)
             text = "".join(self._pending)
             data = {"step": self.step, "attempt": attempt, "offset": self._offset, "text": text}
+            self._writing = True
             try:
                 await self.store.append_event(self.job_id, EventType.DELTA, data)
             except Exception as exc:  # kept for the next write: offsets stay contiguous
                 log.warning("delta_write_failed", job_id=self.job_id, step=self.step, error=str(exc))
                 self._due = time.monotonic() + COALESCE_S
                 continue
+            finally:
+                self._writing = False
             if attempt != self.attempt:
                 return
             del self._pending[:parts]
             self._offset += len(text)
             now = time.monotonic()
             self._due = now + max(COALESCE_S, (now - self._began) / FULL_RATE_DELTAS)
-
-
-DeltaSinks = Callable[[int], TextSink]
-"""attempt number -> where that attempt's streamed text goes."""
