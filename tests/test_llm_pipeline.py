@@ -3,6 +3,7 @@ servers speaking their wire formats, wired exactly as production is (``bootstrap
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager
@@ -186,3 +187,26 @@ async def test_stream_cut_mid_answer_is_retried_and_the_job_completes(
     trace = await container.service.trace(job.id, "t")
     assert trace["totals"]["prompt_tokens"] == fake.usage_totals["prompt_tokens"] > 0
     assert trace["totals"]["completion_tokens"] == fake.usage_totals["completion_tokens"] > 0
+
+
+async def test_a_streaming_provider_s_text_arrives_as_deltas_and_a_retry_starts_over(
+    provider_fake: tuple[str, FakeLLMServer], started: Any
+) -> None:
+    """Through the SDK, a slow answer's text shows up as delta events with contiguous
+    offsets that spell the answer; after a cut stream, attempt 2 starts again at 0."""
+    provider, fake = provider_fake
+    fake.plan(["ok:chunks=10,chunk_delay=0.06,cut=6", "ok:chunks=10,chunk_delay=0.06"])
+    container = await started(_env(provider, fake))
+    job = await _run(container, BODY | {"parallel_limit": 1})
+    assert job.status == "completed", job.error
+    deltas = [e.data for e in await container.store.read_events(job.id) if e.type == "delta"]
+    retried = {d["step"] for d in deltas if d["attempt"] == 2}
+    assert len(retried) == 1, deltas
+    (step,) = retried
+    by_attempt = {n: [d for d in deltas if d["step"] == step and d["attempt"] == n] for n in (1, 2)}
+    for attempt in by_attempt.values():
+        assert attempt and attempt[0]["offset"] == 0
+        for before, after in itertools.pairwise(attempt):
+            assert after["offset"] == before["offset"] + len(before["text"])
+    answered = "".join(fake.requests[1].pieces)
+    assert answered.startswith("".join(d["text"] for d in by_attempt[2]))
