@@ -18,19 +18,26 @@ from tests.support.redis_server import redis_url
 from tests.support.service import ROOT, Service, base_env, free_port
 
 
-@pytest.fixture(scope="module")
-def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir = tmp_path_factory.mktemp("cli")
+def _local_service(
+    tmp_path_factory: pytest.TempPathFactory, name: str, latency_ms: int
+) -> Iterator[Service]:
+    """A local-backend ``jobq serve`` on its own SQLite file, stopped at the end."""
+    workdir = tmp_path_factory.mktemp(name)
     env = {
         **base_env(),
         "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
-        "LLM_OFFLINE_LATENCY_MS": "20",
+        "LLM_OFFLINE_LATENCY_MS": str(latency_ms),
     }
     service = Service(backend="local", env=env, log_dir=workdir)
     try:
         yield service.start()
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    yield from _local_service(tmp_path_factory, "cli", 20)
 
 
 def jobq(
@@ -229,17 +236,7 @@ ANSI_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 @pytest.fixture(scope="module")
 def slow_local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir = tmp_path_factory.mktemp("cli-slow")
-    env = {
-        **base_env(),
-        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
-        "LLM_OFFLINE_LATENCY_MS": "600",
-    }
-    service = Service(backend="local", env=env, log_dir=workdir)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    yield from _local_service(tmp_path_factory, "cli-slow", 600)
 
 
 def test_submit_live_shows_the_text_being_written(slow_local_service: Service) -> None:
