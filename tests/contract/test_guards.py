@@ -149,10 +149,11 @@ def test_progress_never_goes_down_when_parallel_steps_finish_out_of_order(
 ) -> None:
     """With parallel_limit 4 or 16 and steps finishing out of order, percentage and
     currentStep never go down, neither in GET /api/jobs/{id} nor in SSE status events."""
-    # Every call 10-150 ms, but one section started with the first batch takes 1 s and
-    # the last section 1.5 s: the first ends long after the steps started with it,
-    # alone in its store write on every backend, while the job waits for the second.
-    scripted_llm.reset(seed=limit, delay_s=(0.01, 0.15), slow={"problem": 1.0, "financial_plan": 1.5})
+    # Every call 10-150 ms, but one section started with the first batch takes 2.5 s and
+    # the last section 3 s: the first ends long after the steps started with it, alone
+    # in its store write on every backend (S3's slow commits included, on a loaded
+    # machine), while the job waits for the second.
+    scripted_llm.reset(seed=limit, delay_s=(0.01, 0.15), slow={"problem": 2.5, "financial_plan": 3.0})
     views: list[dict[str, Any]] = []
     stop = threading.Event()
     with deployment.client() as client:
