@@ -84,11 +84,6 @@ def cost_usd(config: PipelineConfig, model: str, prompt: int, completion: int) -
     return round(prompt / 1000 * price[0] + completion / 1000 * price[1], 6)
 
 
-async def record_cache_hit(deps: Deps, job_id: str, step: str) -> None:
-    """Trace a step served from the cache: no call, no tokens."""
-    await deps.store.add_trace(job_id, cache_hit_record(deps, step))
-
-
 def cache_hit_record(deps: Deps, step: str) -> TraceRecord:
     """The trace record of a step served from the cache."""
     model = deps.config.model_for(step)
