@@ -76,7 +76,7 @@ class JobRun:
         routes = ((s, deps.config.model_for(s)) for s in LLM_STEPS)
         self.priority = remaining_chain(deps.latency.weights(routes))
         self.writes = CommitBuffer(deps.store, job.id, job.attempts, self.state.fields, self.state.status)
-        self.steps = StepExecutor(job.id, self.request, deps, self.done, self.deadline, self._trace)
+        self.executor = StepExecutor(job.id, self.request, deps, self.done, self.deadline, self._trace)
         self._trace_records = 0
         self._cache_hits = 0
         """Trace records this delivery made: (all, cache hits)."""
@@ -204,7 +204,7 @@ class JobRun:
                     self.run_code_step(step)
                     progressed = True
             hits: list[tuple[Step, Artifact]] = []
-            for step, hit in zip(llm_ready, await self.steps.cached(llm_ready), strict=True):
+            for step, hit in zip(llm_ready, await self.executor.cached(llm_ready), strict=True):
                 if hit is None:
                     need_slot.append(step)
                 else:
@@ -219,14 +219,14 @@ class JobRun:
         if not step.uses_llm:
             return self.run_code_step(step)
         self._mark_started(step)
-        artifact = await self.steps.call(step)
+        artifact = await self.executor.call(step)
         self._finish(step, artifact, cached=False)
         return artifact
 
     def run_code_step(self, step: Step) -> Artifact:
         """``run_step`` of a step computed here (no LLM): it does not wait for anything."""
         self._mark_started(step)
-        artifact = self.steps.compute(step)
+        artifact = self.executor.compute(step)
         self._finish(step, artifact, cached=False)
         return artifact
 
@@ -268,7 +268,7 @@ class JobRun:
         generation = self.writes.buffer(
             events=[(EventType.ARTIFACT, artifact.meta()), STATUS_AT_COMMIT],
             artifacts=[artifact],
-            cache=[(self.steps.cache_key(step), artifact)] if fresh else [],
+            cache=[(self.executor.cache_key(step), artifact)] if fresh else [],
             traces=traces,
         )
         if step.name != FINAL_STEP:
