@@ -7,6 +7,7 @@ Style follows SAQ's ``Queue``: each public method does the shared bookkeeping
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -282,12 +283,13 @@ class JobStore(ABC):
             job = await self._get(job_id)
             if job is None or job.attempts != batch.expect.attempts:
                 return False
-        for artifact in batch.artifacts:
-            await self._put_artifact(job_id, artifact)
-        for key, artifact in batch.cache:
-            await self._cache_put(key, artifact)
-        for record in batch.traces:
-            await self._add_trace(job_id, record)
+        # Side by side, not one after another: a worker killed mid-commit then rarely
+        # leaves an artifact stored without the trace record of its call.
+        await asyncio.gather(
+            *(self._put_artifact(job_id, artifact) for artifact in batch.artifacts),
+            *(self._cache_put(key, artifact) for key, artifact in batch.cache),
+            *(self._add_trace(job_id, record) for record in batch.traces),
+        )
         job = await self._update_with_events(job_id, batch.expect, batch.changes, batch.events)
         return job is not None
 
