@@ -1,8 +1,11 @@
-"""Who is calling (API keys -> tenant) and how often they may submit.
+"""Who is calling (API keys -> tenant; operator keys) and how often they may submit.
 
 With ``API_KEYS`` unset every caller is the default tenant. Keys come in
-``Authorization: Bearer <key>`` or ``X-API-Key``; EventSource cannot set headers,
-so GET requests also accept ``?api_key=``.
+``Authorization: Bearer <key>`` or ``X-API-Key``, never in a URL (a URL ends up in
+access logs, browser history and proxies): ``?api_key=`` is refused. EventSource,
+which cannot set headers, opens the job's ``streamUrl`` with its short-lived token
+(:mod:`handlers.stream_tokens`). ``/metrics`` and ``/api/jobs/stats`` take a key of
+``OPERATOR_KEYS`` instead of a tenant's.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import hmac
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from litestar.connection import ASGIConnection
-from litestar.exceptions import NotAuthorizedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
 from handlers.settings import Settings
+from handlers.stream_tokens import StreamTokens
 from pipeline.vocabulary import DEFAULT_TENANT
 
 
@@ -26,23 +31,80 @@ def _presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
     key = connection.headers.get("x-api-key", "").strip()
-    if key:
-        return key
-    if connection.scope.get("method") == "GET":
-        return connection.query_params.get("api_key") or None
-    return None
+    return key or None
+
+
+def _matches(presented: str, keys: Iterable[str]) -> str | None:
+    """The key of ``keys`` equal to ``presented`` (each compared in constant time), if any."""
+    found = None
+    for key in keys:
+        if hmac.compare_digest(key.encode(), presented.encode()):
+            found = key
+    return found
+
+
+def _refuse_key_in_url(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    if "api_key" in connection.query_params:
+        raise NotAuthorizedException(
+            "API keys are not accepted in URLs; send Authorization: Bearer <key> or X-API-Key, "
+            "or open the job's streamUrl"
+        )
 
 
 def resolve_tenant(connection: ASGIConnection[Any, Any, Any, Any], settings: Settings) -> str:
     """The caller's tenant; raises 401 when keys are configured and none matches."""
     if not settings.auth_required:
         return DEFAULT_TENANT
+    _refuse_key_in_url(connection)
     presented = _presented_key(connection)
     if presented:
-        for key, tenant in settings.api_keys.items():
-            if hmac.compare_digest(key.encode(), presented.encode()):
-                return tenant
+        key = _matches(presented, settings.api_keys)
+        if key is not None:
+            return settings.api_keys[key]
     raise NotAuthorizedException("a valid API key is required (Authorization: Bearer <key> or X-API-Key)")
+
+
+def stream_tokens(settings: Settings) -> StreamTokens | None:
+    """The signer of stream tokens, when ``STREAM_TOKEN_SECRET`` is set."""
+    secret = settings.stream_token_secret
+    if not secret:
+        return None
+    return StreamTokens(secret.encode(), settings.stream_token_ttl_s)
+
+
+def resolve_stream_tenant(
+    connection: ASGIConnection[Any, Any, Any, Any], settings: Settings, job_id: str, token: str | None
+) -> str:
+    """The tenant of a stream request: from ``?token=`` (the job's ``streamUrl``) when
+    given, else from the key headers. A token of another job, or an expired one, is 401."""
+    if not settings.auth_required:
+        return DEFAULT_TENANT
+    _refuse_key_in_url(connection)
+    if token is None:
+        return resolve_tenant(connection, settings)
+    tokens = stream_tokens(settings)
+    tenant = tokens.verify(token, job_id) if tokens is not None else None
+    if tenant is None:
+        raise NotAuthorizedException(
+            "the stream token is invalid, expired or for another job; fetch the job again for a new streamUrl"
+        )
+    return tenant
+
+
+def require_operator(connection: ASGIConnection[Any, Any, Any, Any], settings: Settings) -> None:
+    """Operator routes: open without ``API_KEYS``; else a key of ``OPERATOR_KEYS``
+    (401 without a known key, 403 for a tenant's key)."""
+    if not settings.auth_required:
+        return
+    _refuse_key_in_url(connection)
+    presented = _presented_key(connection)
+    if presented and _matches(presented, settings.operator_keys) is not None:
+        return
+    if presented and _matches(presented, settings.api_keys) is not None:
+        raise PermissionDeniedException("this route needs an operator key (OPERATOR_KEYS)")
+    raise NotAuthorizedException(
+        "an operator key is required (Authorization: Bearer <key> or X-API-Key, from OPERATOR_KEYS)"
+    )
 
 
 def read_scope(settings: Settings, tenant: str) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -30,6 +31,10 @@ KeyOpt = Annotated[
     typer.Option("--api-key", envvar="JOBQ_API_KEY", help="API key, when the server requires one."),
 ]
 DEFAULT_URL = "http://127.0.0.1:8000"
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.25, 5.0
+"""A broken stream is reopened after 0.25 s, then after twice as long each time, up to 5 s."""
+RECONNECT_GIVE_UP_S = 300.0
+"""Following gives up after this long without any event (the server down all along)."""
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -189,20 +194,29 @@ def submit(
         if not follow:
             console.print(f"follow it: jobq status {job_id} --url {url}")
             return
-    status = follow_job(url, api_key, job_id, live=live)
+    status = follow_job(url, api_key, job_id, live=live, stream_url=created.get("streamUrl"))
     console.print(f"the dossier: jobq artifacts {job_id} dossier --url {url}")
     raise typer.Exit(0 if status == "completed" else 1)
 
 
-def follow_job(url: str, api_key: str | None, job_id: str, *, live: bool = False) -> str:
+def _with_query(path: str, query: str) -> str:
+    return path + ("&" if "?" in path else "?") + query
+
+
+def follow_job(
+    url: str, api_key: str | None, job_id: str, *, live: bool = False, stream_url: str | None = None
+) -> str:
     """Follow the SSE stream to ``done``, reconnecting with Last-Event-ID; returns the status.
     ``live`` shows the running steps' text from ``delta`` events; without it the stream
-    is asked to leave them out."""
+    is asked to leave them out. ``stream_url`` (the job's ``streamUrl``) opens the stream
+    with its token, the key staying out of the stream request; when the token has expired
+    the job is fetched again, with the key, for a fresh one."""
     from httpx_sse import connect_sse
 
     last_id: str | None = None
     writing = LiveText() if live else None
-    path = f"/api/jobs/{job_id}/stream" + ("" if live else "?deltas=0")
+    base = stream_url or f"/api/jobs/{job_id}/stream"
+    path = base if live else _with_query(base, "deltas=0")
     final = "unknown"
     columns = (
         TextColumn("{task.description}"),
@@ -213,18 +227,32 @@ def follow_job(url: str, api_key: str | None, job_id: str, *, live: bool = False
     )
     with (
         LiveProgress(*columns, console=console, writing=writing) as progress,
-        _client(url, api_key, timeout=None) as client,
+        _client(url, None if stream_url else api_key, timeout=None) as client,
     ):
         task = progress.add_task("queued", total=100, counter="")
-        for _attempt in range(100):
+        backoff = RECONNECT_FIRST_S
+        give_up = time.monotonic() + RECONNECT_GIVE_UP_S
+        renewed = False
+        while time.monotonic() < give_up:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with connect_sse(client, "GET", path, headers=headers) as source:
+                    if source.response.status_code == 401 and stream_url and not renewed:
+                        source.response.read()
+                        renewed = True  # once per refusal: a fresh token refused too is an error
+                        with _client(url, api_key) as keyed:
+                            fresh = _call(keyed, "GET", f"/api/jobs/{job_id}")["streamUrl"]
+                        stream_url = fresh
+                        path = fresh if live else _with_query(fresh, "deltas=0")
+                        continue
                     if source.response.status_code >= 400:
                         source.response.read()
                         code = source.response.status_code
                         _fail(f"jobq: stream answered {code}: {source.response.text}")
                     for event in source.iter_sse():
+                        renewed = False
+                        backoff = RECONNECT_FIRST_S
+                        give_up = time.monotonic() + RECONNECT_GIVE_UP_S
                         last_id = event.id or last_id
                         data = json.loads(event.data) if event.data else {}
                         if writing is not None:
@@ -235,7 +263,12 @@ def follow_job(url: str, api_key: str | None, job_id: str, *, live: bool = False
                         if event.event == "status":
                             final = str(data.get("status", final))
             except httpx.HTTPError as exc:
-                progress.console.print(f"[yellow]stream interrupted ({exc}); reconnecting[/yellow]")
+                progress.console.print(
+                    f"[yellow]stream interrupted ({exc}); reconnecting in {backoff:.1f} s[/yellow]"
+                )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
+        progress.console.print(f"[red]no event for {RECONNECT_GIVE_UP_S:.0f} s; giving up[/red]")
     return final
 
 

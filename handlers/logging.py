@@ -14,6 +14,7 @@ CPU per job before these changes (~0.7 ms after).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -88,6 +89,32 @@ _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 """Errors that mean Redis cannot be reached (now): a line each, no traceback."""
 
 
+SECRET_QUERY_RE = re.compile(
+    r"(?i)([?&](?:[\w.-]*token|api[_-]?key|x-api-key|key|auth|authorization|secret|password|"
+    r"signature|sig)=)[^&\s\"']*"
+)
+"""A query parameter whose value is a secret (``token``, ``api_key``, ``key``, ...)."""
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the values of secret-looking query parameters replaced."""
+    return SECRET_QUERY_RE.sub(r"\1[redacted]", text)
+
+
+class _RedactSecretsInUrls(logging.Filter):
+    """No secret in a log line: uvicorn's access line holds the whole URL, query
+    included, and a stream URL's ``token`` (or a client's misplaced ``api_key``) would
+    otherwise be written out in clear."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "=" in message:
+            redacted = redact_secrets(message)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
 class _SaqErrorsInOneLine(logging.Filter):
     """SAQ's own error lines, trimmed. Its "Error processing job" repeats the worker's
     ``job_delivery_crashed``, so it is dropped; an error because Redis cannot be reached
@@ -137,6 +164,7 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RedactSecretsInUrls())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

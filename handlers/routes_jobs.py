@@ -10,7 +10,9 @@ from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import ServerSentEvent
 
 from handlers import http_common as h
+from handlers.auth import read_scope, resolve_stream_tenant, stream_tokens
 from handlers.sse import job_events, last_event_id, sse_response
+from handlers.stream_tokens import stream_url
 from pipeline.dossier_markdown import render_markdown, slug
 from pipeline.vocabulary import STATUSES, TERMINAL_STATUSES
 
@@ -37,8 +39,9 @@ async def create_job(
     if created:
         metrics.submitted.labels(endpoint="jobs").inc()
     message = "job accepted" if created else "job already exists for this Idempotency-Key"
+    stream = stream_url(stream_tokens(container.settings), job.id, caller)
     return Response(
-        {"jobId": job.id, "status": job.status, "message": message},
+        {"jobId": job.id, "status": job.status, "message": message, "streamUrl": stream},
         status_code=202,
         headers={"Location": job_location(job.id), "Idempotent-Replayed": str(not created).lower()},
     )
@@ -71,9 +74,11 @@ async def get_job(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
 ) -> JSONDict:
     h.check_job_id(job_id)
-    view = await container.service.view(job_id, h.reader(request, container.settings))
+    caller = h.tenant(request, container.settings)
+    view = await container.service.view(job_id, read_scope(container.settings, caller))
     if view is None:
         raise NotFoundException("job not found")
+    view["streamUrl"] = stream_url(stream_tokens(container.settings), job_id, caller)
     return view
 
 
@@ -83,13 +88,18 @@ async def stream_job(
     container: h.ContainerDep,
     job_id: FromPath[str],
     last_event_id_query: Annotated[str | None, QueryParameter(name="lastEventId")] = None,
+    token: Annotated[
+        str | None, QueryParameter(description="the short-lived token of the job's `streamUrl`")
+    ] = None,
     deltas: Annotated[
         str | None, QueryParameter(description="0 leaves out the live `delta` events", pattern="^[01]$")
     ] = None,
 ) -> ServerSentEvent:
+    """The job's events. Opens with the ``token`` of the job's ``streamUrl`` (EventSource
+    cannot send headers) or with a key header."""
     settings = container.settings
-    scope = h.reader(request, settings)
     h.check_job_id(job_id)
+    scope = read_scope(settings, resolve_stream_tenant(request, settings, job_id, token))
     if await container.service.get(job_id, scope) is None:
         raise NotFoundException("job not found")
 

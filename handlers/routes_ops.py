@@ -10,10 +10,11 @@ import structlog
 from litestar import MediaType, Request, Response, get, post
 
 from handlers import http_common as h
-from handlers.auth import SubmitRateLimiter
+from handlers.auth import SubmitRateLimiter, require_operator, stream_tokens
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
+from handlers.stream_tokens import stream_url
 from pipeline.model import Job
 from pipeline.routing import effective_config
 from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
@@ -51,7 +52,8 @@ async def health_v2(container: h.ContainerDep) -> Response[JSONDict]:
 
 @get("/api/jobs/stats", summary="Counts by status, workers, backend", tags=["ops"])
 async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
-    h.tenant(request, container.settings)
+    """Every tenant's counts: an operator's view, so it takes an operator key."""
+    require_operator(request, container.settings)
     body: JSONDict = await container.service.stats()
     body.setdefault("backend", container.settings.backend)
     return body
@@ -71,7 +73,11 @@ async def config(request: Request[Any, Any, Any], container: h.ContainerDep) -> 
 
 
 @get("/metrics", include_in_schema=False, media_type="text/plain; version=0.0.4; charset=utf-8")
-async def metrics(container: h.ContainerDep, metrics: h.MetricsDep) -> bytes:
+async def metrics(
+    request: Request[Any, Any, Any], container: h.ContainerDep, metrics: h.MetricsDep
+) -> bytes:
+    """Prometheus text; with ``API_KEYS`` set, scrape with an operator key as bearer token."""
+    require_operator(request, container.settings)
     counts = await container.store.count_by_status()
     try:
         workers = int((await container.queue.stats()).get("workers", 0))
@@ -101,10 +107,10 @@ async def _legacy(
         metrics.submitted.labels(endpoint=endpoint).inc()
     if c.settings.legacy_wait_s > 0 and job.status not in TERMINAL_STATUSES:
         job = await c.service.wait_finished(job.id, c.settings.legacy_wait_s) or job
-    return legacy_response(job)
+    return legacy_response(job, stream_url(stream_tokens(c.settings), job.id, caller))
 
 
-def legacy_response(job: Job) -> Response[JSONDict]:
+def legacy_response(job: Job, stream: str) -> Response[JSONDict]:
     if job.status == JobStatus.COMPLETED and job.result:
         meta = job.result.get("meta") or {}
         done = sum(1 for s in job.steps.values() if s in ("completed", "cached"))
@@ -138,7 +144,7 @@ def legacy_response(job: Job) -> Response[JSONDict]:
             "status": job.status,
             "message": "still running; follow the stream or poll the status URL",
             "statusUrl": location,
-            "streamUrl": f"{location}/stream",
+            "streamUrl": stream,
             "trace_id": job.id,
         },
         status_code=202,

@@ -61,6 +61,9 @@ def _url(*schemes: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+MIN_SECRET_CHARS = 16
+
+
 def _lower(raw: object) -> object:
     return raw.lower() if isinstance(raw, str) else raw
 
@@ -223,6 +226,11 @@ class Settings(BaseSettings):
     )
 
     api_keys: Annotated[dict[str, str], NoDecode, BeforeValidator(_api_keys)] = Field(default_factory=dict)
+    operator_keys: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
+    """Keys for ``/metrics`` and ``/api/jobs/stats`` when ``API_KEYS`` is set."""
+    stream_token_secret: str | None = None
+    """Signs the tokens of ``streamUrl``; required when ``API_KEYS`` is set."""
+    stream_token_ttl_s: Annotated[int, Between(10, 7 * 24 * 3600)] = 3600
     cors_origins: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
     job_ttl_s: Annotated[int, Between(60, 366 * 24 * 3600)] = 7 * 24 * 3600
     job_max_attempts: Annotated[int, Between(1, 100)] = 3
@@ -328,6 +336,19 @@ class Settings(BaseSettings):
         # The model is frozen for everyone else; this validator is where it is built.
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        return self
+
+    @model_validator(mode="after")
+    def _stream_token_secret(self) -> Settings:
+        """With keys, a stream URL must carry a token, and tokens need a secret."""
+        secret = self.stream_token_secret or ""
+        if self.api_keys and not secret:
+            raise SettingsError(
+                "STREAM_TOKEN_SECRET is required when API_KEYS is set (it signs the streamUrl tokens; "
+                "e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if secret and len(secret) < MIN_SECRET_CHARS:
+            raise SettingsError(f"STREAM_TOKEN_SECRET must be at least {MIN_SECRET_CHARS} characters")
         return self
 
 

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,3 +256,36 @@ def test_submit_live_shows_the_text_being_written(slow_local_service: Service) -
     assert plain.returncode == 0, plain.stderr
     shown = ANSI_CONTROL.sub("", plain.stdout)
     assert "completed" in shown and "▸" not in shown and "headline:" not in shown
+
+
+def test_submit_with_a_key_follows_by_token_and_renews_an_expired_one(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`jobq submit --api-key` streams through streamUrl's token; when a reconnect finds the
+    token expired (401) it fetches the job for a fresh one and still follows it to the end."""
+    workdir = tmp_path_factory.mktemp("cli-secured")
+    env = {
+        **base_env(),
+        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
+        "LLM_OFFLINE_LATENCY_MS": "3000",  # the job runs well past the token's 10 s
+        "API_KEYS": "key-cli:cli",
+        "STREAM_TOKEN_TTL_S": "10",
+    }
+    service = Service(backend="local", env=env, log_dir=workdir).start()
+    try:
+        argv = [sys.executable, "-m", "handlers.cli", "submit", "--title", "Token CLI"]
+        argv += ["--pitch", "Panels for schools.", "--api-key", "key-cli", "--url", service.base_url]
+        client = subprocess.Popen(
+            argv, cwd=ROOT, env={**base_env(), "COLUMNS": "200"}, stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(11)  # past the token's lifetime, the job still running
+        service.restart()  # the stream breaks; the CLI reconnects with an expired token
+        out, _ = client.communicate(timeout=120)
+        assert client.returncode == 0, out
+        log = (workdir / "web.log").read_text()
+        assert "/stream?token=[redacted]&deltas=0 HTTP/1.1\" 401" in log  # the refused reconnect
+        assert "api_key" not in log and "key-cli" not in log
+        with service.client(headers={"X-API-Key": "key-cli"}) as keyed:
+            assert keyed.get(f"/api/jobs/{_job_id(out)}").json()["status"] == "completed"
+    finally:
+        service.stop()

@@ -51,6 +51,9 @@ BAD_VALUES = [
     ("SQS_RETRY_DELAY_S", {"SQS_RETRY_DELAY_S": "x"}),
     ("SUBMIT_RATE_PER_MIN", {"SUBMIT_RATE_PER_MIN": "-3"}),
     ("MAX_BODY_BYTES", {"MAX_BODY_BYTES": "10"}),
+    ("STREAM_TOKEN_SECRET", {"API_KEYS": "k1:alice"}),
+    ("STREAM_TOKEN_SECRET", {"API_KEYS": "k1:alice", "STREAM_TOKEN_SECRET": "short"}),
+    ("STREAM_TOKEN_TTL_S", {"STREAM_TOKEN_TTL_S": "1"}),
 ]
 
 
@@ -91,11 +94,17 @@ def test_sqs_and_s3_select_the_aws_backend() -> None:
 
 
 def test_api_keys_and_cors_are_parsed() -> None:
-    """API_KEYS maps keys to tenants; CORS_ORIGINS is a comma list."""
+    """API_KEYS maps keys to tenants; OPERATOR_KEYS and CORS_ORIGINS are comma lists."""
     settings = Settings.from_env(
-        {"API_KEYS": "k1:alice, k2:bob", "CORS_ORIGINS": "https://a.example, https://b.example"}
+        {
+            "API_KEYS": "k1:alice, k2:bob",
+            "STREAM_TOKEN_SECRET": "s" * 32,
+            "OPERATOR_KEYS": "ops1, ops2",
+            "CORS_ORIGINS": "https://a.example, https://b.example",
+        }
     )
     assert settings.api_keys == {"k1": "alice", "k2": "bob"}
+    assert settings.operator_keys == ("ops1", "ops2")
     assert settings.auth_required
     assert settings.cors_origins == ("https://a.example", "https://b.example")
 

@@ -335,3 +335,49 @@ def test_page_delta_rules_and_safe_rendering(page: Watched, web: Service) -> Non
     assert widths == ["30%", "60%"]
     assert "tam_eur" in (p.text_content("#doc-validation li.bad") or "")
     page.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def secured_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("web-page-secured")
+    env = {
+        **base_env(),
+        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
+        "LLM_OFFLINE_LATENCY_MS": "300",
+        "SUBMIT_RATE_PER_MIN": "0",
+        "API_KEYS": "key-page-alice:alice",
+    }
+    with running(Service(backend="local", env=env, log_dir=workdir)) as service:
+        yield service
+
+
+def test_page_with_api_keys_follows_streams_by_token_never_by_key(
+    browser: Browser, secured_web: Service, request: pytest.FixtureRequest
+) -> None:
+    """With API_KEYS the page streams through streamUrl's token, sends the key only as a
+    header, and follows a job both from its form and when reopened while it runs."""
+    request.node.jobq_services = [secured_web]
+    context = browser.new_context()
+    try:
+        p = context.new_page()
+        urls: list[str] = []
+        statuses: list[str] = []
+        p.on("request", lambda r: urls.append(r.url))
+        p.on("response", lambda r: statuses.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        p.goto(secured_web.base_url + "/")
+        p.wait_for_function("document.getElementById('jobs-msg').textContent.length > 0")
+        statuses.clear()  # the first list, before any key was entered, is a 401
+        p.fill("#apikey", "key-page-alice")
+        p.fill("#title", "Token Grid")
+        p.fill("#pitch", "Solar micro-grids for dairy farms in the Alps.")
+        p.click("#submit")
+        p.wait_for_function("document.getElementById('jobid').textContent.length > 0")
+        job_id = p.text_content("#jobid") or ""
+        p.goto(f"{secured_web.base_url}/?job={job_id}")  # reopened while it runs
+        p.wait_for_selector("#dossier .badge.verdict", timeout=120_000)
+        streams = [u for u in urls if "/stream" in u]
+        assert streams and all(f"/api/jobs/{job_id}/stream?token=" in u for u in streams), streams
+        assert not [u for u in urls if "api_key" in u or "key-page-alice" in u]
+        assert statuses == []
+    finally:
+        context.close()

@@ -24,6 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 30.0
+TEST_STREAM_TOKEN_SECRET = "test-stream-token-secret-0123456789"
 
 # Variables of the developer's shell that would change what the service under test does.
 _SCRUB_PREFIXES = ("JOBS_", "LLM_", "SAQ_", "AWS_", "OPENAI_", "ANTHROPIC_")
@@ -31,6 +32,9 @@ _SCRUB = {
     "REDIS_URL",
     "REDISCLOUD_URL",
     "API_KEYS",
+    "OPERATOR_KEYS",
+    "STREAM_TOKEN_SECRET",
+    "STREAM_TOKEN_TTL_S",
     "CORS_ORIGINS",
     "PORT",
     "HOST",
@@ -58,7 +62,15 @@ def base_env() -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith(_SCRUB_PREFIXES)
     }
-    env.update({"PYTHONUNBUFFERED": "1", "LOG_LEVEL": "info", "SSE_HEARTBEAT_S": "1"})
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "LOG_LEVEL": "info",
+            "SSE_HEARTBEAT_S": "1",
+            # required with API_KEYS; harmless without
+            "STREAM_TOKEN_SECRET": TEST_STREAM_TOKEN_SECRET,
+        }
+    )
     return env
 
 
