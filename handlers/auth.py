@@ -65,9 +65,10 @@ def resolve_tenant(connection: ASGIConnection[Any, Any, Any, Any], settings: Set
 
 
 def stream_tokens(settings: Settings) -> StreamTokens | None:
-    """The signer of stream tokens, when ``STREAM_TOKEN_SECRET`` is set."""
+    """The signer of stream tokens; ``None`` without ``API_KEYS`` (every stream is open
+    then, and ``streamUrl`` is the bare path)."""
     secret = settings.stream_token_secret
-    if not secret:
+    if not (settings.auth_required and secret):
         return None
     return StreamTokens(secret.encode(), settings.stream_token_ttl_s)
 
