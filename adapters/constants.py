@@ -12,5 +12,6 @@ TRACE_KEY = "trace"
 CANCEL_KEY = "cancel"
 IDEMPOTENCY_KEY = "idem"
 INDEX_KEY = "index"
+SPEND_KEY = "spend"
 
 SAQ_QUEUE_NAME = "jobq"

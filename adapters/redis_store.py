@@ -9,6 +9,7 @@ Key layout (``P`` is the prefix, e.g. ``jobq``)::
     P:events:<id>         stream, entry id ``<n>-0`` for event n; P:evseq:<id> the counter
     P:trace:<id>          list of LLM call records
     P:cancel:<id>         the cancel flag
+    P:spend:<counter>     integer micro-USD of a spend counter (cost caps), own TTL
     P:index:all / P:index:status:<s> / P:index:tenant:<t> / P:index:tstatus:<s>:<t>
                           sorted sets id -> created_at, for listing and counting
     P:index:owner         hash id -> tenant, so expired jobs can be pruned from the indexes
@@ -42,7 +43,14 @@ from typing import Any, cast
 import structlog
 from redis.commands.core import AsyncScript
 
-from adapters.constants import ARTIFACT_KEY, CACHE_KEY, CANCEL_KEY, KEY_PREFIX, TRACE_KEY
+from adapters.constants import (
+    ARTIFACT_KEY,
+    CACHE_KEY,
+    CANCEL_KEY,
+    KEY_PREFIX,
+    SPEND_KEY,
+    TRACE_KEY,
+)
 from adapters.redis_autopipeline import AutoPipeline
 from adapters.redis_clients import (
     MAX_CONNECTIONS,
@@ -92,6 +100,7 @@ class RedisStore(JobStore):
         self._commit_script = register(lua_script("store_commit"))
         self._delete_script = register(unindexing_script("store_delete"))
         self._put_artifact_script = register(lua_script("store_put_artifact"))
+        self._add_spend_script = register(lua_script("store_add_spend"))
 
     @classmethod
     def from_url(
@@ -276,3 +285,19 @@ class RedisStore(JobStore):
         async with bounded("redis"):
             flags = await self._redis.mget([self._key(CANCEL_KEY, job_id) for job_id in job_ids])
         return {job_id for job_id, flag in zip(job_ids, flags, strict=True) if flag is not None}
+
+    # -- spend counters -----------------------------------------------------
+
+    async def _add_spend(self, counter: str, micro_usd: int, cap: int | None, ttl_s: int) -> int | None:
+        """Check and INCRBY in one script (``lua/store_add_spend.lua``): integers, so
+        totals are exact, and atomic across every worker on this Redis."""
+        total = await self._eval(
+            self._add_spend_script,
+            [self._key(SPEND_KEY, counter)],
+            [micro_usd, "" if cap is None else cap, ttl_s],
+        )
+        return None if total is None else int(total)
+
+    async def _spent(self, counter: str) -> int:
+        raw = await self._call("GET", self._key(SPEND_KEY, counter))
+        return int(raw) if raw else 0

@@ -13,6 +13,7 @@ Layout under ``<prefix>/``::
     events/<job>/<id:010d>.json          one object per event, claimed with If-None-Match: *
     trace/<job>/<ns>-<rand>.json         one object per LLM call record
     cancel/<job>                         the cancel flag
+    spend/<counter>.json                 a spend counter (cost caps): compare-and-set on its ETag
 
 S3 is strongly consistent for reads and lists after a write, and rejects a
 conditional PUT whose precondition fails with 412 (or 409 while another
@@ -47,6 +48,7 @@ from adapters.constants import (
     IDEMPOTENCY_KEY,
     INDEX_KEY,
     JOB_KEY,
+    SPEND_KEY,
     TRACE_KEY,
 )
 from adapters.s3_objects import S3Objects, lost_race, missing
@@ -345,3 +347,40 @@ class S3Store(JobStore):
 
     async def _cancel_requested(self, job_id: str) -> bool:
         return await self._s3.exists(self._key(CANCEL_KEY, quote(job_id, safe="")))
+
+    # -- spend counters -----------------------------------------------------
+
+    def _spend_key(self, counter: str) -> str:
+        return self._key(SPEND_KEY, f"{quote(counter, safe='')}.json")
+
+    async def _add_spend(self, counter: str, micro_usd: int, cap: int | None, ttl_s: int) -> int | None:
+        """Read, check, and write back with If-Match on the ETag (If-None-Match: * for
+        a new counter); a lost race reads again. Every add to one counter is a
+        conditional write of the same object, so concurrent adds queue on it."""
+        key = self._spend_key(counter)
+        for attempt in range(CAS_ATTEMPTS):
+            found = await self._s3.get_json(key)
+            now = time.time()
+            current = 0
+            if found is not None and float(found[0]["expires_at"]) > now:
+                current = int(found[0]["micro_usd"])
+            total = current + micro_usd
+            if cap is not None and micro_usd > 0 and total > cap:
+                return None
+            record = {"micro_usd": total, "expires_at": now + ttl_s}
+            condition = {"IfMatch": found[1]} if found is not None else {"IfNoneMatch": "*"}
+            try:
+                await self._s3.put(key, record, **condition)
+            except ClientError as exc:
+                if not (lost_race(exc) or missing(exc)):
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
+                continue
+            return total
+        raise Conflict(f"spend counter {counter} stayed contended for {CAS_ATTEMPTS} attempts")
+
+    async def _spent(self, counter: str) -> int:
+        found = await self._s3.get_json(self._spend_key(counter))
+        if found is None or float(found[0]["expires_at"]) <= time.time():
+            return 0
+        return int(found[0]["micro_usd"])

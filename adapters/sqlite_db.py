@@ -57,6 +57,11 @@ CREATE INDEX IF NOT EXISTS trace_job ON trace (job_id);
 CREATE TABLE IF NOT EXISTS cancels (
     job_id TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS spend (
+    counter TEXT PRIMARY KEY,
+    micro_usd INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 

@@ -295,6 +295,43 @@ class SqliteStore(SqliteDatabase, JobStore):
     async def _cancel_requested(self, job_id: str) -> bool:
         return await self._read_row("SELECT 1 FROM cancels WHERE job_id=?", (job_id,)) is not None
 
+    # -- spend counters -----------------------------------------------------
+
+    async def _add_spend(self, counter: str, micro_usd: int, cap: int | None, ttl_s: int) -> int | None:
+        """One upsert statement, so the check and the add are atomic even with other
+        processes on the same file; an expired row counts as 0."""
+        now = time.time()
+        capped = cap is not None and micro_usd > 0
+        limit = cap if cap is not None else 0
+        async with self._write():
+            row = await self._row(_ADD_SPEND, (
+                counter, micro_usd, now + ttl_s, capped, micro_usd, limit,
+                now, capped, now, limit,
+            ))
+            if row is not None and int(row[0]) == micro_usd:  # a new counter: drop expired ones
+                await self.db.execute("DELETE FROM spend WHERE expires_at <= ?", (now,))
+        return None if row is None else int(row[0])
+
+    async def _spent(self, counter: str) -> int:
+        row = await self._read_row(
+            "SELECT micro_usd FROM spend WHERE counter=? AND expires_at > ?", (counter, time.time())
+        )
+        return int(row[0]) if row else 0
+
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
         rows = await self._rows_in("SELECT job_id FROM cancels WHERE job_id IN ({marks})", job_ids)
         return {row[0] for row in rows}
+
+
+_ADD_SPEND = """
+INSERT INTO spend (counter, micro_usd, expires_at)
+SELECT ?, ?, ? WHERE NOT ? OR ? <= ?
+ON CONFLICT (counter) DO UPDATE SET
+    micro_usd = (CASE WHEN spend.expires_at > ? THEN spend.micro_usd ELSE 0 END) + excluded.micro_usd,
+    expires_at = excluded.expires_at
+WHERE NOT ? OR (CASE WHEN spend.expires_at > ? THEN spend.micro_usd ELSE 0 END) + excluded.micro_usd <= ?
+RETURNING micro_usd
+"""
+"""Add to a spend counter; with the cap flag set, only while the total stays within the
+cap (a refused add returns no row). Parameters: counter, amount, expiry, capped,
+amount, cap (a new row), then now (the update), capped, now, cap (its condition)."""

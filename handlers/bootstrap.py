@@ -182,6 +182,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         llm_timeout_s=settings.llm_timeout_s,
         llm_max_retries=settings.llm_max_retries,
         price_per_1k_tokens=dict(settings.llm_prices),
+        tenant_max_cost_usd_per_day=settings.tenant_max_cost_usd_per_day,
         live_deltas=settings.live_deltas,
         context_windows=dict(settings.llm_context_windows),
     )

@@ -9,6 +9,7 @@ points print it and exit.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -35,6 +36,7 @@ from pydantic_settings import (
 )
 
 from adapters.constants import KEY_PREFIX
+from pipeline.budget import unpriced
 
 LLM_PROVIDERS = ("offline", "openai", "anthropic")
 DEFAULT_MODELS = {"offline": "offline", "openai": "gpt-5.4-mini", "anthropic": "claude-sonnet-5-5"}
@@ -100,6 +102,15 @@ def _prices(raw: object) -> object:
                 "LLM_PRICES must look like 'model:0.15:0.6,model2:3:15' (USD per 1k tokens)"
             ) from None
     return prices
+
+
+def _positive_usd(raw: float | None) -> float | None:
+    """``TENANT_MAX_COST_USD_PER_DAY``: a positive, finite number of USD."""
+    if raw is not None and not (math.isfinite(raw) and raw > 0):
+        raise SettingsError(
+            f"TENANT_MAX_COST_USD_PER_DAY={raw} must be a positive number of USD"
+        )
+    return raw
 
 
 # -- field markers ------------------------------------------------------------------------------
@@ -224,6 +235,8 @@ class Settings(BaseSettings):
     llm_prices: Annotated[dict[str, tuple[float, float]], NoDecode, BeforeValidator(_prices)] = Field(
         default_factory=dict
     )
+    tenant_max_cost_usd_per_day: Annotated[float | None, AfterValidator(_positive_usd)] = None
+    """Cost cap per tenant and UTC day; needs ``LLM_PRICES`` for every model in use."""
 
     api_keys: Annotated[dict[str, str], NoDecode, BeforeValidator(_api_keys)] = Field(default_factory=dict)
     operator_keys: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_list)] = ()
@@ -331,6 +344,13 @@ class Settings(BaseSettings):
         derived["llm_provider"] = provider
         if "llm_default_model" not in given:
             derived["llm_default_model"] = DEFAULT_MODELS[provider]
+        model = derived.get("llm_default_model", self.llm_default_model)
+        missing = unpriced({model, *self.llm_step_models.values()}, self.llm_prices)
+        if self.tenant_max_cost_usd_per_day is not None and missing:
+            raise SettingsError(
+                "TENANT_MAX_COST_USD_PER_DAY needs a price in LLM_PRICES for every model in use; "
+                f"missing: {', '.join(missing)}"
+            )
         if "worker_concurrency" not in given:
             derived["worker_concurrency"] = 4 if backend == "local" else 50
         # The model is frozen for everyone else; this validator is where it is built.

@@ -27,7 +27,10 @@ class PipelineConfig:
     live_deltas: bool = True
     """Stream LLM answers into ``delta`` events while they are written (SPEC 7.1)."""
     price_per_1k_tokens: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate."""
+    """model -> (prompt, completion) USD per 1k tokens, for the trace's cost estimate
+    and the cost caps (:mod:`pipeline.budget`)."""
+    tenant_max_cost_usd_per_day: float | None = None
+    """``TENANT_MAX_COST_USD_PER_DAY``: what one tenant's calls may cost per UTC day."""
     context_windows: dict[str, int] = field(default_factory=dict)
     """``LLM_CONTEXT_<MODEL>`` overrides in tokens, keyed by ``<MODEL>`` (see
     :func:`pipeline.context_guard.context_env_key`); other models use the shipped table."""

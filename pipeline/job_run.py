@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from pipeline.budget import JobBudget
 from pipeline.cancel_watch import cancel_watch
 from pipeline.commit_buffer import STATUS_AT_COMMIT, CommitBuffer, Stopped, stop_tasks
 from pipeline.deps import Deps
@@ -76,7 +77,10 @@ class JobRun:
         routes = ((s, deps.config.model_for(s)) for s in LLM_STEPS)
         self.priority = remaining_chain(deps.latency.weights(routes))
         self.writes = CommitBuffer(deps.store, job.id, job.attempts, self.state.fields, self.state.status)
-        self.executor = StepExecutor(job.id, self.request, deps, self.done, self.deadline, self._trace)
+        self.executor = StepExecutor(
+            job.id, self.request, deps, self.done, self.deadline, self._trace,
+            budget=JobBudget.of(deps, job, self.request),
+        )
         self._trace_records = 0
         self._cache_hits = 0
         """Trace records this delivery made: (all, cache hits)."""

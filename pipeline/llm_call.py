@@ -5,6 +5,7 @@ deadline, validate the answer, repair once, and trace every attempt.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Callable
@@ -14,7 +15,9 @@ from typing import Any
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
+from pipeline.budget import JobBudget, cost_usd
 from pipeline.context_guard import (
+    CHARS_PER_TOKEN_ASCII,
     ContextOverflow,
     context_env_key,
     estimate_tokens,
@@ -29,10 +32,6 @@ from pipeline.schemas import InvalidOutput, json_schema, parse_output, schema_na
 from pipeline.vocabulary import ErrorCode
 
 log = structlog.get_logger(__name__)
-
-CHARS_PER_TOKEN = 4
-"""Estimate of a streamed answer's tokens where the provider reported none (a call
-aborted mid-stream): one token per four characters, rounded up."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ class StepCall:
     collects them and stores them with the step's artifact, in one round trip. A call
     aborted from outside is recorded only here: its task is being cancelled, and a
     store write of its own would delay that."""
+    budget: JobBudget | None = None
+    """The job's cost caps: each provider attempt reserves its worst case first."""
 
 
 class _InvalidAnswer(Exception):
@@ -75,13 +76,6 @@ def backoff_delay(config: PipelineConfig, attempt: int, retry_after: float | Non
 
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, LLMError) and exc.transient
-
-
-def cost_usd(config: PipelineConfig, model: str, prompt: int, completion: int) -> float | None:
-    price = config.price_per_1k_tokens.get(model)
-    if price is None:
-        return None
-    return round(prompt / 1000 * price[0] + completion / 1000 * price[1], 6)
 
 
 def cache_hit_record(deps: Deps, step: str) -> TraceRecord:
@@ -111,6 +105,9 @@ class _Caller:
         self.guard: dict[str, Any] = {}
         """The context guard's fields of the current request's records: ``ctx_max``,
         ``prompt_tokens_est``, ``truncate_applied`` (and ``sources_dropped``)."""
+        self.billed: float | None = None
+        """``cost_usd`` of the current attempt's trace record (what its reservation
+        settles to)."""
 
     async def trace(self, kind: str, outcome: str, started: float, **extra: Any) -> None:
         record = self._record(kind, outcome, started, **extra)
@@ -123,6 +120,8 @@ class _Caller:
         prompt_tokens = int(extra.pop("prompt_tokens", 0))
         completion_tokens = int(extra.pop("completion_tokens", 0))
         model = self.deps.config.model_for(self.call.step)
+        cost = cost_usd(self.deps.config, model, prompt_tokens, completion_tokens)
+        self.billed = cost
         return {
             "step": self.call.step,
             "provider": self.deps.llm.name,
@@ -134,7 +133,7 @@ class _Caller:
             "completion_tokens": completion_tokens,
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
             "outcome": outcome,
-            "cost_usd": cost_usd(self.deps.config, model, prompt_tokens, completion_tokens),
+            "cost_usd": cost,
             "ts": now_ms(),
             **self.guard,
             **extra,
@@ -152,9 +151,28 @@ class _Caller:
         )
 
     async def once(self, request: LLMRequest, kind: str) -> dict[str, Any]:
-        """One provider call and validation of its answer."""
+        """One provider call and validation of its answer; with cost caps, its worst
+        case reserved before and settled to its trace record's cost after."""
         self.attempt += 1
-        await self._wait_for_rate_limit(request)
+        tokens = estimate_tokens(request.system, request.prompt, request.history)
+        await self._wait_for_rate_limit(request, tokens)
+        budget = self.call.budget
+        if budget is None:
+            return await self._attempt(request, kind)
+        reservation = await budget.reserve(self.call.step, request.model, tokens, request.max_tokens)
+        self.billed = None
+        try:
+            data = await self._attempt(request, kind)
+        except asyncio.CancelledError:
+            budget.settle_soon(reservation, self.billed)
+            raise
+        except BaseException:
+            await budget.settle(reservation, self.billed)
+            raise
+        await budget.settle(reservation, self.billed)
+        return data
+
+    async def _attempt(self, request: LLMRequest, kind: str) -> dict[str, Any]:
         remaining = self.call.deadline - time.time()
         if remaining <= 0:
             raise LLMError(ErrorCode.TIMEOUT, "job deadline reached before the call")
@@ -174,7 +192,7 @@ class _Caller:
                 self.call.trace(
                     self._record(
                         kind, "aborted", started, error="the job stopped",
-                        completion_tokens=-(-received // CHARS_PER_TOKEN),
+                        completion_tokens=math.ceil(received / CHARS_PER_TOKEN_ASCII),
                         tokens_estimated=True,
                     )
                 )
@@ -204,13 +222,13 @@ class _Caller:
         await self.trace(kind, "ok", started, **usage)
         return data
 
-    async def _wait_for_rate_limit(self, request: LLMRequest) -> None:
+    async def _wait_for_rate_limit(self, request: LLMRequest, tokens: int) -> None:
         """Wait for the shared limiter, as long as the job's deadline allows: the wait
         is not the provider's slowness, so the per-call timeout does not cover it and
-        it is not traced as a call."""
+        it is not traced as a call. ``tokens`` is the context guard's estimate of the
+        prompt."""
         if self.deps.limiter is None:
             return
-        tokens = (len(request.system) + len(request.prompt)) // 4
         try:
             async with asyncio.timeout(max(0.0, self.call.deadline - time.time())):
                 await self.deps.limiter.acquire(request.model, tokens)

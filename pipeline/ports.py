@@ -8,6 +8,7 @@ Style follows SAQ's ``Queue``: each public method does the shared bookkeeping
 from __future__ import annotations
 
 import asyncio
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -28,6 +29,10 @@ from pipeline.model import (
     make_expect,
 )
 from pipeline.vocabulary import STATUSES
+
+SPEND_COUNTER_RE = re.compile(r"^[A-Za-z0-9_.:/%~-]{1,300}$")
+"""Names of spend counters (``job/<id>``, ``tenant/<tenant>/<UTC day>``): they
+become keys and object names, so only these characters get through."""
 
 
 class JobStore(ABC):
@@ -157,6 +162,26 @@ class JobStore(ABC):
             return set()
         return await self._cancel_requested_many(list(job_ids))
 
+    # -- spend counters (cost caps, SPEC 7.4) ------------------------------
+
+    async def add_spend(
+        self, counter: str, micro_usd: int, *, cap: int | None = None, ttl_s: int
+    ) -> int | None:
+        """Add ``micro_usd`` (millionths of a USD; negative gives back) to ``counter``
+        in one atomic step, shared by every process on the store: with ``cap``, only
+        if the new total is at most ``cap``. Returns the new total, or ``None`` when
+        the cap refused the amount (the counter is then unchanged). A counter
+        expires ``ttl_s`` seconds after its last write and then reads as 0."""
+        if not SPEND_COUNTER_RE.match(counter):
+            raise ValueError(f"invalid spend counter: {counter!r}")
+        return await self._add_spend(counter, int(micro_usd), cap, max(1, int(ttl_s)))
+
+    async def spent(self, counter: str) -> int:
+        """The total of ``counter`` in micro-USD (0 when never written or expired)."""
+        if not SPEND_COUNTER_RE.match(counter):
+            raise ValueError(f"invalid spend counter: {counter!r}")
+        return await self._spent(counter)
+
     # -- batched writes ---------------------------------------------------
 
     async def commit(
@@ -250,6 +275,10 @@ class JobStore(ABC):
     async def _request_cancel(self, job_id: str) -> None: ...
     @abstractmethod
     async def _cancel_requested(self, job_id: str) -> bool: ...
+    @abstractmethod
+    async def _add_spend(self, counter: str, micro_usd: int, cap: int | None, ttl_s: int) -> int | None: ...
+    @abstractmethod
+    async def _spent(self, counter: str) -> int: ...
 
     # Hooks with a default built from the ones above; backends override them to
     # save round trips (and to make the event appends atomic with the update).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -11,6 +12,8 @@ DEFAULT_TARGET = "Pre-Seed/Seed VCs"
 DEFAULT_GEO = "EU/DACH"
 DEFAULT_PARALLEL_LIMIT = 2
 DEFAULT_TIMEOUT_MS = 300_000
+MAX_COST_USD_RANGE = (0.0, 1_000_000.0)
+"""``max_cost_usd`` must be above the first bound and at most the second."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -35,9 +38,15 @@ class JobRequest:
     skip_cache: bool = False
     parallel_limit: int = DEFAULT_PARALLEL_LIMIT
     timeout_ms: int = DEFAULT_TIMEOUT_MS
+    max_cost_usd: float | None = None
+    """The job's cost cap in USD at ``LLM_PRICES`` (SPEC 7.4); ``None``: no cap of its own."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as stored with the job; ``max_cost_usd`` only when set."""
+        data = asdict(self)
+        if self.max_cost_usd is None:
+            del data["max_cost_usd"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRequest:
@@ -88,6 +97,20 @@ class _Checker:
             self.error(field, f"must be between {low} and {high}")
         return value
 
+    def cost(self, field: str) -> float | None:
+        """An optional positive, finite number of USD (``None`` when missing or null)."""
+        value = self.body.get(field)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.error(field, "must be a number (USD)")
+            return None
+        low, high = MAX_COST_USD_RANGE
+        if not math.isfinite(value) or not low < value <= high:
+            self.error(field, f"must be greater than {low:g} and at most {high:,.0f} (USD)")
+            return None
+        return float(value)
+
 
 def validate_request(body: object) -> JobRequest:
     """Check a decoded JSON body; unknown fields are ignored."""
@@ -113,6 +136,7 @@ def validate_request(body: object) -> JobRequest:
         skip_cache = False
     parallel_limit = check.integer("parallel_limit", 1, 16, DEFAULT_PARALLEL_LIMIT)
     timeout_ms = check.integer("timeout_ms", 1_000, 3_600_000, DEFAULT_TIMEOUT_MS)
+    max_cost_usd = check.cost("max_cost_usd")
     if check.details:
         raise RequestInvalid(check.details)
     return JobRequest(
@@ -124,4 +148,5 @@ def validate_request(body: object) -> JobRequest:
         skip_cache=skip_cache,
         parallel_limit=parallel_limit,
         timeout_ms=timeout_ms,
+        max_cost_usd=max_cost_usd,
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from pipeline.budget import check_priced
 from pipeline.deps import Deps
 from pipeline.model import Job, StoreUnavailable
 from pipeline.ports import Queue
@@ -38,6 +39,7 @@ class JobService:
         when ``idempotency_key`` matched an earlier job of ``tenant``. Raises
         :class:`RequestInvalid`, or :class:`StoreUnavailable` with nothing left behind."""
         request = validate_request(body)
+        check_priced(self.deps.config, request)
         job = Job(
             id=str(uuid.uuid4()),
             tenant=tenant,

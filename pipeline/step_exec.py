@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from pipeline.budget import JobBudget
 from pipeline.deltas import StepDeltas
 from pipeline.deps import Deps
 from pipeline.graph import LLM_STEPS, SECTION_STEPS, Step
@@ -44,6 +45,7 @@ class StepExecutor:
         done: Mapping[str, Artifact],
         deadline: float,
         trace: Callable[[JSON], None],
+        budget: JobBudget | None = None,
     ) -> None:
         self.job_id = job_id
         self.request = request
@@ -51,6 +53,8 @@ class StepExecutor:
         self.done = done
         self.deadline = deadline
         self.trace = trace
+        self.budget = budget
+        """The job's cost caps; ``None``: uncapped."""
         self.fresh: set[str] = set()
         """LLM steps whose artifact a call of this delivery made (not the cache)."""
         self._cache_keys: dict[str, str] = {}
@@ -85,6 +89,7 @@ class StepExecutor:
             {self.done[d].name: self.done[d].hash for d in step.depends_on},
             deltas=deltas,
             trace=self.trace,
+            budget=self.budget,
         )
         started = time.monotonic()
         try:

@@ -54,6 +54,9 @@ class ErrorCode(StrEnum):
     LLM_INVALID_OUTPUT = "llm_invalid_output"
     LLM_CONTEXT_OVERFLOW = "llm_context_overflow"
     """The prompt does not fit the model's context window even with no evidence left."""
+    BUDGET_EXCEEDED = "budget_exceeded"
+    """The next LLM call's worst-case cost does not fit the job's ``max_cost_usd`` or
+    the tenant's ``TENANT_MAX_COST_USD_PER_DAY`` (what was spent before stays spent)."""
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     WORKER_LOST = "worker_lost"
