@@ -9,7 +9,8 @@ that would take it past its cap, atomically in the job store, so calls running i
 parallel (a job's steps, a tenant's jobs on other workers) cannot both pass the
 cap. After the call the reservation is *settled* to what the call's trace record
 costs (0 for a failed call), so a counter is the sum of its trace records' costs
-plus the worst cases of the calls still in flight. A call refused while the same
+plus the worst cases of the calls still in flight (and of calls aborted from
+outside, which the provider may bill in full). A call refused while the same
 job has calls in flight waits for them to settle and tries again; refused with
 none in flight, the step fails with ``budget_exceeded``. A step served from the
 cache makes no call and costs nothing.
@@ -161,10 +162,8 @@ class JobBudget:
         self.job_cap = None if max_cost_usd is None else to_micro(max_cost_usd)
         self.tenant_cap = None if tenant_max_usd_per_day is None else to_micro(tenant_max_usd_per_day)
         self._in_flight = 0
-        self._settled = 0
-        """Settlements so far: a refused reservation waits for this to change."""
-        self._changed = asyncio.Condition()
-        self._background: set[asyncio.Task[None]] = set()
+        self._settled = asyncio.Event()
+        """Set (and replaced) at each settlement: a refused reservation waits for it."""
 
     @classmethod
     def of(cls, deps: Deps, job: Job, request: JobRequest) -> JobBudget | None:
@@ -209,7 +208,7 @@ class JobBudget:
             )
         amount = worst_case(price, prompt_tokens, max_output_tokens)
         while True:
-            seen = self._settled
+            settled = self._settled
             limits = self._limits()
             refused = await self._take(limits, amount)
             if refused is None:
@@ -217,9 +216,7 @@ class JobBudget:
                 return Reservation(tuple(limits), amount)
             if self._in_flight == 0:
                 raise await self._exceeded(refused, step, model, amount, prompt_tokens, max_output_tokens)
-            async with self._changed:
-                while self._settled == seen:
-                    await self._changed.wait()
+            await settled.wait()
 
     async def _take(self, limits: list[Limit], amount: int) -> Limit | None:
         """Reserve ``amount`` on each counter; on a refusal give back what was taken
@@ -259,14 +256,14 @@ class JobBudget:
         except StoreUnavailable as exc:
             log.warning("llm_budget_settle_failed", job_id=self.job_id, error=str(exc))
         finally:
-            self._in_flight -= 1
-            self._settled += 1
-            async with self._changed:
-                self._changed.notify_all()
+            self._done()
 
-    def settle_soon(self, reservation: Reservation, cost: float | None) -> None:
-        """:meth:`settle` in a task of its own: for a call whose task is being
-        cancelled (a store write there would delay the cancel)."""
-        task = asyncio.get_running_loop().create_task(self.settle(reservation, cost))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def keep(self, reservation: Reservation) -> None:
+        """End a call aborted from outside, its worst case left counted: the provider
+        may bill all of it, and its task is being cancelled (no store write)."""
+        self._done()
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+        self._settled.set()
+        self._settled = asyncio.Event()

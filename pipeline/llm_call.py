@@ -164,7 +164,7 @@ class _Caller:
         try:
             data = await self._attempt(request, kind)
         except asyncio.CancelledError:
-            budget.settle_soon(reservation, self.billed)
+            budget.keep(reservation)
             raise
         except BaseException:
             await budget.settle(reservation, self.billed)

@@ -325,3 +325,39 @@ async def test_delete_removes_the_job_and_what_it_owns(store: JobStore) -> None:
     assert await store.get(job.id) is None
     assert await store.list_artifacts(job.id) == []
     assert await store.read_events(job.id) == []
+
+
+async def test_spend_counter_adds_within_its_cap_and_refuses_past_it(store: JobStore) -> None:
+    """add_spend adds up to the cap, refuses an amount past it (counter unchanged), gives back."""
+    counter = f"tenant/t{uuid.uuid4().hex[:8]}/2026-01-01"
+    assert await store.spent(counter) == 0
+    assert await store.add_spend(counter, 600, cap=1000, ttl_s=3600) == 600
+    assert await store.add_spend(counter, 401, cap=1000, ttl_s=3600) is None
+    assert await store.spent(counter) == 600
+    assert await store.add_spend(counter, 400, cap=1000, ttl_s=3600) == 1000
+    assert await store.add_spend(counter, -250, ttl_s=3600) == 750
+    assert await store.add_spend(counter, 5000, ttl_s=3600) == 5750  # no cap: always added
+    assert await store.add_spend(f"job/{uuid.uuid4().hex}", 1001, cap=1000, ttl_s=60) is None
+    with pytest.raises(ValueError):
+        await store.add_spend("tenant/a b", 1, ttl_s=60)
+
+
+async def test_concurrent_reservations_never_pass_the_cap(store: JobStore) -> None:
+    """Twenty concurrent adds of 10 against a cap of 100: exactly ten land, the total is 100."""
+    counter = f"job/{uuid.uuid4().hex}"
+    results = await asyncio.gather(
+        *(store.add_spend(counter, 10, cap=100, ttl_s=3600) for _ in range(20))
+    )
+    accepted = [r for r in results if r is not None]
+    assert len(accepted) == 10
+    assert sorted(accepted) == list(range(10, 101, 10))
+    assert await store.spent(counter) == 100
+
+
+async def test_spend_counter_expires_after_its_ttl(store: JobStore) -> None:
+    """A counter reads 0 once ttl_s has passed since its last write, and starts over."""
+    counter = f"tenant/t{uuid.uuid4().hex[:8]}/2026-01-02"
+    assert await store.add_spend(counter, 70, cap=100, ttl_s=1) == 70
+    await asyncio.sleep(2.1)
+    assert await store.spent(counter) == 0
+    assert await store.add_spend(counter, 70, cap=100, ttl_s=60) == 70
