@@ -210,11 +210,19 @@ class JobBudget:
         while True:
             settled = self._settled
             limits = self._limits()
-            refused = await self._take(limits, amount)
+            # Counted while it is being taken: a parallel call refused meanwhile waits
+            # for this one to settle instead of failing the job.
+            self._in_flight += 1
+            try:
+                refused = await self._take(limits, amount)
+            except BaseException:
+                self._done()
+                raise
             if refused is None:
-                self._in_flight += 1
                 return Reservation(tuple(limits), amount)
+            self._in_flight -= 1
             if self._in_flight == 0:
+                self._wake()  # calls waiting on this one check again, and fail too
                 raise await self._exceeded(refused, step, model, amount, prompt_tokens, max_output_tokens)
             await settled.wait()
 
@@ -265,5 +273,8 @@ class JobBudget:
 
     def _done(self) -> None:
         self._in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         self._settled.set()
         self._settled = asyncio.Event()

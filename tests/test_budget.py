@@ -3,6 +3,7 @@ real OpenAI SDK against the fake LLM server, wired as production is (``bootstrap
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from adapters.sqlite_store import SqliteStore
 from handlers.bootstrap import Container, bootstrap
 from handlers.settings import Settings, SettingsError
-from pipeline.budget import job_counter, tenant_counter, to_micro, utc_day, worst_case
+from pipeline.budget import JobBudget, job_counter, tenant_counter, to_micro, utc_day, worst_case
 from pipeline.graph import LLM_STEPS
+from pipeline.model import LLMError
 from pipeline.request import RequestInvalid, validate_request
 from tests.support.fake_llm import FakeLLMServer, fake_openai_server
 
@@ -215,3 +218,35 @@ async def test_tenant_cap_is_shared_by_its_jobs_and_not_by_other_tenants(
     assert to_micro(sum(t["cost_usd"] for t in totals)) <= spent <= to_micro(cap)
     other = await run(container, BODY | {"skip_cache": True}, "someone-else")
     assert other.status == "completed", other.error
+
+
+# -- reservations of one job's parallel calls -----------------------------------------------------
+
+
+async def test_a_call_that_does_not_fit_waits_for_the_jobs_calls_in_flight() -> None:
+    """Of three parallel reservations where the cap fits two worst cases, the third waits;
+    when one settles below its worst case the third fits; with nothing in flight a call
+    that does not fit fails with budget_exceeded."""
+    store = SqliteStore(":memory:")
+    await store.open()
+    try:
+        # worst case of each call: 1000 prompt + 1000 output tokens at 1 USD per 1k = 2 USD
+        budget = JobBudget(store, {"m": PRICE}, "job1", "t", max_cost_usd=5.0, tenant_max_usd_per_day=None)
+        first = await budget.reserve("a", "m", 1000, 1000)
+        second = await budget.reserve("b", "m", 1000, 1000)
+        third = asyncio.create_task(budget.reserve("c", "m", 1000, 1000))
+        await asyncio.sleep(0.2)
+        assert not third.done(), "the third call went past the cap"
+        assert await store.spent(job_counter("job1")) == to_micro(4.0)
+        await budget.settle(first, 0.5)
+        held = await asyncio.wait_for(third, 5)
+        assert await store.spent(job_counter("job1")) == to_micro(0.5 + 2 + 2)
+        await budget.settle(second, 2.0)
+        await budget.settle(held, 2.0)
+        with pytest.raises(LLMError) as caught:
+            await budget.reserve("d", "m", 1000, 1000)
+        assert caught.value.code == "budget_exceeded"
+        assert "$4.500000 is spent of the job's max_cost_usd of $5" in caught.value.message
+        assert await store.spent(job_counter("job1")) == to_micro(4.5)
+    finally:
+        await store.close()
