@@ -161,6 +161,9 @@ def submit(
     geo: Annotated[str | None, typer.Option(help="Region.")] = None,
     parallel_limit: Annotated[int | None, typer.Option(help="Max concurrent LLM calls (1-16).")] = None,
     timeout_ms: Annotated[int | None, typer.Option(help="Deadline of the whole job.")] = None,
+    max_cost_usd: Annotated[
+        float | None, typer.Option(help="Cost cap of the job in USD (needs LLM_PRICES on the server).")
+    ] = None,
     skip_cache: Annotated[bool, typer.Option("--skip-cache", help="Do not read the step cache.")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="Idempotency-Key header.")] = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow", help="Follow the job's progress.")] = True,
@@ -182,6 +185,7 @@ def submit(
         "geo": geo,
         "parallel_limit": parallel_limit,
         "timeout_ms": timeout_ms,
+        "max_cost_usd": max_cost_usd,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if skip_cache:
