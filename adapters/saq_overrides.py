@@ -13,6 +13,29 @@ dequeue timeout, the shutdown grace period and the retry limit per job.
 
 :class:`JobqRedisQueue` (on ``RedisQueue``):
 
+- Fair scheduling across tenants (``_enqueue``, ``dequeue``, ``count``, and the
+  ``_finish``/``_retry``/sweep scripts). Upstream has one FIFO list (``queued``) that
+  BLMOVE pops into the active list, so a tenant's backlog of 200 jobs delays every
+  other tenant's job behind all of them. Here ``_enqueue`` (a job marked with
+  :func:`schedule_for`) queues the job id in its tenant's list and pushes a wake-up token to
+  upstream's ``queued`` list; ``dequeue`` picks with ``adapters/lua/saq_fair_pick.lua``:
+  the next tenant in turn (round robin over tenants with queued jobs) whose running
+  jobs are under ``tenant_max_running`` gives its oldest job, which moves to the
+  active list in the same script, exactly where upstream's BLMOVE puts it (so the
+  sweep, the heartbeat and the hand-back work as before). A slot that finds nothing
+  blocks on upstream's BLMOVE of ``queued`` (a token, moved to the active list and
+  dropped there by the pick, so a worker dying in between leaves only a token that
+  the sweep removes as a missing job; idle slots pick again after every dequeue
+  timeout, so a lost token delays a job by at most that long). Jobs without a
+  tenant (enqueued with ``FAIR_SCHEDULING=0`` or by an older release) stay in
+  upstream's layout and are delivered as upstream does. Running counts per tenant
+  change only in scripts that move a job into or out of the active list (pick;
+  ``_finish``, ``_retry``, the hand-back and the sweep's removal of a missing job), so
+  they match the active list; a job leaving it moves a token parked at a cap back to
+  ``queued``. The key layout is in ``adapters/lua/saq_fair.lua`` (keys named inside
+  scripts: a single Redis, not Redis Cluster; Redis >= 6.2 for LMOVE). ``count``
+  ("queued") counts jobs, not tokens. No upstream equivalent (SAQ's ``priority`` and
+  ``group_key`` are Postgres only).
 - ``dequeue``: (1) once ``should_stop`` returns true (the worker got SIGTERM) it
   returns nothing, and a job that a blocked BLMOVE still receives goes back to the
   head of the queue untouched: a stopping worker takes no new work. Upstream starts
@@ -94,6 +117,7 @@ from saq import Worker
 from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.queue.redis import RedisQueue
+from saq.types import CountKind
 
 from adapters.redis_autopipeline import AutoPipeline
 from adapters.redis_clients import lua_script
@@ -111,8 +135,18 @@ SLOT_RESTART_S = 1.0
 _RELEASED = "_jobq_released"
 """Attribute set on a delivery (an in-memory ``SaqJob``) that another delivery superseded."""
 
+_TENANT = "_jobq_tenant"
+"""Attribute set on a job to enqueue (an in-memory ``SaqJob``): its tenant."""
+
 _UNHEARD = frozenset({Status.ACTIVE, Status.COMPLETE})
 """SAQ statuses whose pub/sub notification nobody here listens for."""
+
+
+def schedule_for(job: SaqJob, tenant: str) -> SaqJob:
+    """Mark a job about to be enqueued as ``tenant``'s: :class:`JobqRedisQueue` queues it
+    for fair scheduling (the SAQ job record itself does not change)."""
+    setattr(job, _TENANT, tenant)
+    return job
 
 
 class JobqRedisQueue(RedisQueue):
@@ -130,17 +164,28 @@ class JobqRedisQueue(RedisQueue):
         blocking: aioredis.Redis | None = None,
         sweep_abort_wait_s: float = 5.0,
         settle_s: float = 1.0,
+        fair: bool = True,
+        tenant_max_running: int = 0,
     ) -> None:
         super().__init__(redis, name=name)
         self.blocking = blocking if blocking is not None else redis
         self.sweep_abort_wait_s = sweep_abort_wait_s
         self.settle_s = settle_s
+        self.fair = fair
+        self.tenant_max_running = tenant_max_running
         self.should_stop: Callable[[], bool] = lambda: False
+        self._fair_prefix = self.namespace("fair") + ":"
+        self._token = self._fair_prefix + "wake"
         self._sweep_list = redis.register_script(lua_script("saq_sweep_list"))
         self._mark_aborting = redis.register_script(lua_script("saq_mark_aborting"))
-        self._finish_script = redis.register_script(lua_script("saq_owned", "saq_finish"))
-        self._retry_script = redis.register_script(lua_script("saq_owned", "saq_retry"))
+        self._finish_script = redis.register_script(lua_script("saq_owned", "saq_fair", "saq_finish"))
+        self._retry_script = redis.register_script(lua_script("saq_owned", "saq_fair", "saq_retry"))
         self._update_script = redis.register_script(lua_script("saq_owned", "saq_update"))
+        self._fair_enqueue = redis.register_script(lua_script("saq_fair", "saq_fair_enqueue"))
+        self._fair_pick = redis.register_script(lua_script("saq_fair", "saq_fair_pick"))
+        self._fair_unpick = redis.register_script(lua_script("saq_fair", "saq_fair_unpick"))
+        self._fair_drop = redis.register_script(lua_script("saq_fair", "saq_fair_drop"))
+        self._fair_count = redis.register_script(lua_script("saq_fair_count"))
         self._version_lock = asyncio.Lock()
         self._auto = AutoPipeline(redis)
 
@@ -174,8 +219,8 @@ class JobqRedisQueue(RedisQueue):
         if getattr(job, _RELEASED, False):
             log.info("saq_finish_left_to_other_delivery", job_id=job.key, attempts=job.attempts)
             return
-        keys = [self._active, self._incomplete, job.id]
-        args = [job.ttl, self.serialize(job), job.attempts]
+        keys = [self._active, self._incomplete, job.id, self._queued]
+        args = [job.ttl, self.serialize(job), job.attempts, self._fair_prefix]
         if await self._auto.eval(self._finish_script, keys, args):
             await self.notify(job)
         else:
@@ -186,6 +231,7 @@ class JobqRedisQueue(RedisQueue):
         score = time.time() + delay if delay else job.scheduled
         keys = [self._active, self._queued, self._incomplete, job.id]
         args = [self.serialize(job), job.attempts, score, "0" if delay else "1"]
+        args += [self._fair_prefix, self._token]
         if await self._auto.eval(self._retry_script, keys, args):
             await self.notify(job)
         else:
@@ -201,6 +247,33 @@ class JobqRedisQueue(RedisQueue):
         if job.status not in _UNHEARD:
             await super().notify(job)
 
+    async def _enqueue(self, job: SaqJob) -> SaqJob | None:
+        tenant = getattr(job, _TENANT, "")
+        if not tenant:
+            return await super()._enqueue(job)
+        keys = [self._incomplete, job.id, self._queued, job.abort_id]
+        args = [self.serialize(job), job.scheduled, self._fair_prefix, tenant, self._token]
+        if not await self._auto.eval(self._fair_enqueue, keys, args):
+            return None
+        log.debug("saq_enqueued", job_id=job.key, tenant=tenant)
+        return job
+
+    async def count(self, kind: CountKind) -> int:
+        if kind == "queued":
+            return int(await self._fair_count(keys=[self._queued], args=[self._fair_prefix, self._token]))
+        return await super().count(kind)
+
+    async def _pick(self, woken: bytes | str) -> tuple[str, str] | None:
+        """The next job in the tenants' turn (``saq_fair_pick.lua``) as ``(id, tenant)``,
+        moved to the active list; ``woken`` is what this slot's BLMOVE moved there."""
+        keys = [self._queued, self._active]
+        args = [self._fair_prefix, woken, self.tenant_max_running, self._token]
+        picked = await self._auto.eval(self._fair_pick, keys, args)
+        if not picked:
+            return None
+        job_id, tenant = (part.decode() if isinstance(part, bytes) else part for part in picked)
+        return job_id, tenant
+
     async def dequeue(
         self,
         timeout: float = 0.0,  # noqa: ASYNC109 - SAQ's signature, which this overrides
@@ -208,20 +281,36 @@ class JobqRedisQueue(RedisQueue):
     ) -> SaqJob | None:
         if self.should_stop():
             return None
-        # SAQ passes ``timeout`` as a float too; redis-py's hints say int.
-        if await self.version() < (6, 2, 0):
-            job_id = await self.blocking.brpoplpush(self._queued, self._active, timeout)
-        else:
-            job_id = await self.blocking.blmove(self._queued, self._active, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
-        if job_id is None:
-            return None
+        # A slot that just finished a job picks at once; one that finds nothing blocks
+        # on a wake-up token (or, for a job queued in upstream's layout, the job id).
+        picked = await self._pick("") if self.fair else None
+        if picked is None:
+            # SAQ passes ``timeout`` as a float too; redis-py's hints say int.
+            if await self.version() < (6, 2, 0):
+                woken = await self.blocking.brpoplpush(self._queued, self._active, timeout)
+            else:
+                woken = await self.blocking.blmove(self._queued, self._active, timeout, "LEFT", "RIGHT")  # type: ignore[arg-type]
+            if woken is None:
+                return None
+            picked = await self._pick(woken)
+            if picked is None:
+                return None
+        job_id, tenant = picked
         if self.should_stop():  # a stopping worker takes no new job: back to the head
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lrem(self._active, 1, job_id.decode() if isinstance(job_id, bytes) else job_id)
-                pipe.lpush(self._queued, job_id)
-                await pipe.execute()
+            await self._unpick(job_id, tenant)
             return None
         return await self._get_job_by_id(job_id)
+
+    async def _unpick(self, job_id: str, tenant: str) -> None:
+        if tenant:
+            await self._fair_unpick(
+                keys=[self._queued, self._active, job_id], args=[self._fair_prefix, tenant, self._token]
+            )
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.lrem(self._active, 1, job_id)
+            pipe.lpush(self._queued, job_id)
+            await pipe.execute()
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
         held = max(lock, math.ceil(self.settle_s + self.sweep_abort_wait_s + SWEEP_LOCK_MARGIN_S))
@@ -264,10 +353,9 @@ class JobqRedisQueue(RedisQueue):
                 elif in_active and (job.status != Status.ACTIVE or job.stuck):
                     stale.append(job)
         for job_id in missing:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.lrem(self._active, 0, job_id)
-                pipe.zrem(self._incomplete, job_id)
-                await pipe.execute()
+            await self._fair_drop(
+                keys=[self._queued, self._active, self._incomplete, job_id], args=[self._fair_prefix]
+            )
             log.info("saq_swept_missing_job", saq_id=job_id)
         # All at once: each waits up to ``sweep_abort_wait_s`` for a worker that, when
         # it died, will never answer.

@@ -16,8 +16,13 @@ Knobs read from the environment (the same in web and worker processes, since
 the web process enqueues with them): ``SAQ_HEARTBEAT_S`` (20),
 ``SAQ_SWEEP_ABORT_WAIT_S`` (5), ``SAQ_TIMEOUT_MARGIN_S`` (60), ``JOB_MAX_ATTEMPTS`` (3).
 
-Where this project changes SAQ's own behaviour (the sweep, shutdown, guarded writes of
-a superseded delivery), and why: :mod:`adapters.saq_overrides`.
+Fair scheduling: tenants take turns for free worker slots (round robin over the
+tenants with queued jobs) and ``tenant_max_running`` (``TENANT_MAX_RUNNING``, 0: no cap)
+caps the jobs of one tenant running at once across all workers; ``fair=False``
+(``FAIR_SCHEDULING=0``) queues jobs first in, first out as upstream SAQ does.
+
+Where this project changes SAQ's own behaviour (fair scheduling, the sweep, shutdown,
+guarded writes of a superseded delivery), and why: :mod:`adapters.saq_overrides`.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from saq.job import Job as SaqJob
+
 from adapters.constants import KEY_PREFIX, SAQ_QUEUE_NAME
 from adapters.redis_clients import RedisClients, bounded
-from adapters.saq_overrides import JobqRedisQueue
+from adapters.saq_overrides import JobqRedisQueue, schedule_for
 from pipeline.model import JSON
 from pipeline.ports import Queue
 
@@ -67,6 +74,8 @@ class SaqQueue(Queue):
         max_attempts: int = 3,
         timeout_margin_s: float = 60,
         sweep_abort_wait_s: float = 5.0,
+        fair: bool = True,
+        tenant_max_running: int = 0,
     ) -> None:
         self.clients = clients
         self.url = clients.url
@@ -79,6 +88,8 @@ class SaqQueue(Queue):
             name=queue_name(prefix),
             blocking=clients.blocking,
             sweep_abort_wait_s=sweep_abort_wait_s,
+            fair=fair,
+            tenant_max_running=tenant_max_running,
         )
         self._opened = False
 
@@ -115,14 +126,17 @@ class SaqQueue(Queue):
             "queue": self.saq.name,
         }
 
-    async def _enqueue(self, job_id: str, timeout_s: float) -> None:
+    async def _enqueue(self, job_id: str, timeout_s: float, tenant: str) -> None:
+        job = SaqJob(
+            RUN_JOB_FUNCTION,
+            kwargs={"job_id": job_id},
+            key=job_id,
+            timeout=int(timeout_s + self.timeout_margin_s),
+            heartbeat=self.heartbeat_s,
+            retries=self.retries,
+            ttl=FINISHED_JOB_TTL_S,
+        )
+        if self.saq.fair:  # else in SAQ's own first-in, first-out list
+            schedule_for(job, tenant)
         async with bounded("redis queue"):
-            await self.saq.enqueue(
-                RUN_JOB_FUNCTION,
-                key=job_id,
-                job_id=job_id,
-                timeout=int(timeout_s + self.timeout_margin_s),
-                heartbeat=self.heartbeat_s,
-                retries=self.retries,
-                ttl=FINISHED_JOB_TTL_S,
-            )
+            await self.saq.enqueue(job)

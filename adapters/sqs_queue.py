@@ -123,7 +123,7 @@ class SqsQueue(Queue):
         except (BotoCoreError, ClientError) as exc:
             raise StoreUnavailable(f"sqs {self.queue_name} does not answer: {exc}") from exc
 
-    async def _enqueue(self, job_id: str, timeout_s: float) -> None:
+    async def _enqueue(self, job_id: str, timeout_s: float, tenant: str) -> None:
         await self._call(
             self._client.send_message,
             QueueUrl=await self.url(),

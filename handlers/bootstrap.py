@@ -114,7 +114,13 @@ def build_queue(
     if url.scheme == "memory":
         from adapters.local_queue import LocalQueue
 
-        return LocalQueue(run, store, concurrency=settings.worker_concurrency)
+        return LocalQueue(
+            run,
+            store,
+            concurrency=settings.worker_concurrency,
+            fair=settings.fair_scheduling,
+            tenant_max_running=settings.tenant_max_running,
+        )
     if url.scheme in ("redis", "rediss"):
         queue: Queue = build_saq_queue(settings, redis)
         return queue
@@ -137,6 +143,8 @@ def build_saq_queue(settings: Settings, redis: RedisClientsFor | None = None) ->
         max_attempts=settings.job_max_attempts,
         timeout_margin_s=settings.saq_timeout_margin_s,
         sweep_abort_wait_s=settings.saq_sweep_abort_wait_s,
+        fair=settings.fair_scheduling,
+        tenant_max_running=settings.tenant_max_running,
     )
 
 

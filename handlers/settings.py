@@ -255,6 +255,10 @@ class Settings(BaseSettings):
     sse_window_s: Annotated[float, Between(0.0, 28.0)] = 0.0
     """> 0 where the platform buffers responses (Lambda): the stream ends after this long."""
     sse_heartbeat_s: Annotated[float, Between(0.05, 300.0)] = 15.0
+    fair_scheduling: bool = True
+    """Local and redis backends: tenants take turns for free worker slots; 0 = first in, first out."""
+    tenant_max_running: Annotated[int, Between(0, 1_000_000)] = 0
+    """Local and redis backends, with fair scheduling: one tenant's jobs running at once (0: no cap)."""
     worker_grace_s: Annotated[float, Between(0.0, 3600.0)] = 25.0
     """SIGTERM: how long running jobs may finish before they are handed back."""
     redis_max_connections: Annotated[int, Between(4, 100_000)] = 128

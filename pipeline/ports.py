@@ -28,7 +28,7 @@ from pipeline.model import (
     check_job_changes,
     make_expect,
 )
-from pipeline.vocabulary import STATUSES
+from pipeline.vocabulary import DEFAULT_TENANT, STATUSES
 
 SPEND_COUNTER_RE = re.compile(r"^[A-Za-z0-9_.:/%~-]{1,300}$")
 """Names of spend counters (``job/<id>``, ``tenant/<tenant>/<UTC day>``): they
@@ -335,10 +335,11 @@ class Queue(ABC):
 
     name: str = "queue"
 
-    async def enqueue(self, job_id: str, timeout_s: float) -> None:
-        """Hand a job to the workers. ``timeout_s`` bounds one delivery's run time.
+    async def enqueue(self, job_id: str, timeout_s: float, tenant: str = DEFAULT_TENANT) -> None:
+        """Hand a job of ``tenant`` to the workers. ``timeout_s`` bounds one delivery's
+        run time. Queues that schedule fairly let tenants take turns for free slots.
         Raises :class:`StoreUnavailable` when the queue cannot be reached."""
-        await self._enqueue(job_id, timeout_s)
+        await self._enqueue(job_id, timeout_s, tenant)
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect."""
@@ -360,7 +361,7 @@ class Queue(ABC):
         """At least ``{"workers": <live worker count>, "queued": <waiting deliveries>}``."""
 
     @abstractmethod
-    async def _enqueue(self, job_id: str, timeout_s: float) -> None: ...
+    async def _enqueue(self, job_id: str, timeout_s: float, tenant: str) -> None: ...
 
 
 # -- LLM providers ----------------------------------------------------------

@@ -52,7 +52,7 @@ class JobService:
         if not created:
             return job, False
         try:
-            await self.queue.enqueue(job.id, request.timeout_ms / 1000 + QUEUE_TIMEOUT_SLACK_S)
+            await self.queue.enqueue(job.id, request.timeout_ms / 1000 + QUEUE_TIMEOUT_SLACK_S, tenant)
         except StoreUnavailable:
             await self._forget(job.id)
             raise

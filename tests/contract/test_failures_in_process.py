@@ -29,7 +29,7 @@ class BrokenQueue(LocalQueue):
     async def ping(self) -> None:
         raise StoreUnavailable("broker refused the connection")
 
-    async def _enqueue(self, job_id: str, timeout_s: float) -> None:
+    async def _enqueue(self, job_id: str, timeout_s: float, tenant: str) -> None:
         raise StoreUnavailable("broker refused the connection")
 
 
