@@ -1,4 +1,5 @@
-"""The aws backend's queue: a standard SQS queue whose messages carry a job id.
+"""The aws backend's queue: a standard SQS queue whose messages carry a job id, with
+the job's tenant as message group id (SQS fair queues; README: fair scheduling).
 
 The sending side is the :class:`~pipeline.ports.Queue` port. The receiving side
 (``receive``, ``delete``, ``change_visibility``) is what ``jobq worker`` uses to
@@ -128,6 +129,9 @@ class SqsQueue(Queue):
             self._client.send_message,
             QueueUrl=await self.url(),
             MessageBody=json.dumps({"job_id": job_id}),
+            # The tenant as message group: on a standard queue that makes it an SQS
+            # fair queue, which serves quiet tenants first while one has a backlog.
+            MessageGroupId=tenant,
         )
 
     async def _counts(self, url: str) -> dict[str, int]:

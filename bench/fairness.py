@@ -199,6 +199,12 @@ def table(runs: list[Run], speed: tuple[float, float], load: tuple[str, str], jo
         "",
         f"Each run: {each}.",
         "",
+        "Where A's throughput with fair scheduling falls short of FIFO's, look first at B's job: "
+        "with fair scheduling it takes one of the 4 slots in the middle of A's window (with FIFO "
+        f"after A's last start), and with jobs of equal length that run in lock-step, {jobs + 1} "
+        f"jobs need {-(-(jobs + 1) // SLOTS)} rounds of {SLOTS} where {jobs} need {-(-jobs // SLOTS)} "
+        f"({-(-jobs // SLOTS) / -(-(jobs + 1) // SLOTS) * 100:.1f} %).",
+        "",
         f"Machine: 2 cores shared with other sessions; load average {load[0]} before, {load[1]} after; "
         f"a fixed Python loop took {speed[0]:.0f} ms before and {speed[1]:.0f} ms after.",
         "",
