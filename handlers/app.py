@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from litestar import Litestar, Request, Response
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -53,15 +54,20 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     if isinstance(exc, InvalidBody) and isinstance(exc.extra, list):
         extra["details"] = exc.extra
     elif isinstance(exc, ValidationException) and isinstance(exc.extra, list):
-        extra["details"] = [
-            {"field": str(e.get("key", "")), "message": str(e.get("message", ""))}
-            for e in exc.extra
-            if isinstance(e, dict)
-        ]
+        extra["details"] = [_detail(e) for e in exc.extra if isinstance(e, dict)]
     headers = dict(exc.headers or {})
     return error_response(
         status, ERROR_CODES.get(status, "http_error"), str(exc.detail), headers=headers, **extra
     )
+
+
+def _detail(error: dict[str, Any]) -> dict[str, str]:
+    """``{field, message}`` of one of Litestar's validation errors; a missing body is ``body``."""
+    field = str(error.get("key", ""))
+    message = str(error.get("message", ""))
+    if field == "data" and error.get("source") in (None, "body"):
+        return {"field": "body", "message": "required" if "missing" in message.lower() else message}
+    return {"field": field, "message": message}
 
 
 def _request_invalid(_: Request[Any, Any, Any], exc: RequestInvalid) -> Response[dict[str, Any]]:
@@ -117,10 +123,13 @@ def create_app(container: Container | None = None) -> Litestar:
         if settings.cors_origins
         else None
     )
+    limiter = SubmitRateLimiter(settings.submit_rate_per_min)
     return Litestar(
         route_handlers=[*JOB_ROUTES, *OPS_ROUTES],
         lifespan=[lifespan],
-        dependencies=dependencies(container, metrics, SubmitRateLimiter(settings.submit_rate_per_min)),
+        # ``state`` serves the guards, which run before dependencies are resolved.
+        state=State({"container": container, "limiter": limiter}),
+        dependencies=dependencies(container, metrics, limiter),
         exception_handlers={
             HTTPException: _http_error,
             RequestInvalid: _request_invalid,

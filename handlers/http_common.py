@@ -1,17 +1,18 @@
 """Shared bits of the HTTP handlers: the app-wide objects they receive by dependency
-injection, caller identity, the JSON body reader and the error body shape
+injection, caller identity, the checks before a submitted body is read and the error body shape
 ``{"error": code, "message", ...}``."""
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request, Response
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, NotFoundException
-from litestar.params import SkipValidation
+from litestar.handlers import BaseRouteHandler
+from litestar.params import Parameter, SkipValidation
 
 from handlers.auth import SubmitRateLimiter, read_scope, resolve_tenant
 from handlers.bootstrap import Container
@@ -35,6 +36,19 @@ class UnsupportedMediaType(HTTPException):
     status_code = 415
 
 
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Parameter(
+        header="Idempotency-Key",
+        required=False,
+        min_length=1,
+        max_length=255,
+        pattern=IDEMPOTENCY_KEY_RE.pattern,
+        description="The same key from the same tenant within 24 h returns the same job",
+    ),
+]
+"""Documents the header; ``submit_guard`` has checked it before the handler runs."""
+
 # Handlers declare these by name; the objects are built once by ``create_app`` and are
 # trusted (no validation of the injected value).
 ContainerDep = NamedDependency[SkipValidation[Container]]
@@ -53,8 +67,8 @@ def dependencies(container: Container, metrics: Metrics, limiter: SubmitRateLimi
 
 # The caller's identity is no dependency: dependencies resolve before the handler's own
 # parameters are validated, so a 401 would then come before a 400 for a bad query.
-def tenant(request: Request[Any, Any, Any], settings: Settings) -> str:
-    return resolve_tenant(request, settings)
+def tenant(connection: ASGIConnection[Any, Any, Any, Any], settings: Settings) -> str:
+    return resolve_tenant(connection, settings)
 
 
 def reader(request: Request[Any, Any, Any], settings: Settings) -> str | None:
@@ -84,8 +98,8 @@ def rate_limit(limiter: SubmitRateLimiter, caller: str) -> None:
         )
 
 
-def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
-    raw = request.headers.get("idempotency-key")
+def idempotency_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    raw = connection.headers.get("idempotency-key")
     if raw is None:
         return None
     if not IDEMPOTENCY_KEY_RE.match(raw):
@@ -96,29 +110,21 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     return raw
 
 
-async def json_body(request: Request[Any, Any, Any]) -> object:
-    """The parsed JSON body. Size limits are enforced by Litestar's
-    ``request_max_body_size`` (Content-Length and the bytes actually received)."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+def submit_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """The checks of a job submission that come before its body is read, in SPEC order:
+    401, 429, a bad ``Idempotency-Key`` (400), a body that is not JSON (415). Leaves the
+    caller and the key in ``connection.state`` for the handler."""
+    container: Container = connection.app.state["container"]
+    caller = tenant(connection, container.settings)
+    rate_limit(connection.app.state["limiter"], caller)
+    key = idempotency_key(connection)
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"content type {media_type!r} is not supported; send application/json"
         )
-    raw = await request.body()
-    if not raw.strip():
-        raise InvalidBody("request body is empty", extra=[{"field": "body", "message": "required"}])
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidBody(
-            "request body is not valid JSON",
-            extra=[{"field": "body", "message": f"invalid JSON: {exc}"}],
-        ) from None
-    except RecursionError:
-        raise InvalidBody(
-            "request body is nested too deeply",
-            extra=[{"field": "body", "message": "JSON nested too deeply"}],
-        ) from None
+    connection.state["caller"] = caller
+    connection.state["idempotency_key"] = key
 
 
 def error_response(

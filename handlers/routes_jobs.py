@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import FromPath, QueryParameter
 from litestar.response import ServerSentEvent
 
+from handlers import api_models as m
 from handlers import http_common as h
 from handlers.auth import read_scope, resolve_stream_tenant, stream_tokens
 from handlers.sse import job_events, last_event_id, sse_response
 from handlers.stream_tokens import stream_url
+from handlers.strict_body import StrictBody
 from pipeline.dossier_markdown import render_markdown, slug
-from pipeline.vocabulary import STATUSES, TERMINAL_STATUSES
+from pipeline.vocabulary import TERMINAL_STATUSES
 
 JSONDict = dict[str, Any]
 
@@ -23,19 +27,29 @@ def job_location(job_id: str) -> str:
     return f"/api/jobs/{job_id}"
 
 
-@post("/api/jobs", status_code=202, summary="Create a job", tags=["jobs"])
+@post(
+    "/api/jobs",
+    status_code=202,
+    summary="Create a job",
+    tags=["jobs"],
+    guards=[h.submit_guard],
+    dto=StrictBody[m.JobRequest],
+    return_dto=None,
+    responses=m.responses(
+        {202: (m.JobAccepted, "Accepted; `Location` is the job's status URL")}, 400, 401, 413, 415, 429, 503
+    ),
+)
 async def create_job(
     request: Request[Any, Any, Any],
+    data: m.JobRequest,
     container: h.ContainerDep,
     metrics: h.MetricsDep,
-    limiter: h.LimiterDep,
+    idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
     """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
-    caller = h.tenant(request, container.settings)
-    h.rate_limit(limiter, caller)
-    key = h.idempotency_key(request)
-    body = await h.json_body(request)
-    job, created = await container.service.submit(body, caller, key)
+    job, created = await container.service.submit(
+        msgspec.structs.asdict(data), request.state["caller"], idempotency_key
+    )
     if created:
         metrics.submitted.labels(endpoint="jobs").inc()
     message = "job accepted" if created else "job already exists for this Idempotency-Key"
@@ -47,18 +61,23 @@ async def create_job(
     )
 
 
-@get("/api/jobs", summary="List the caller's recent jobs", tags=["jobs"])
+@get(
+    "/api/jobs",
+    summary="List the caller's recent jobs",
+    tags=["jobs"],
+    responses=m.responses({200: (m.JobList, "Newest first")}, 400, 401, 503),
+)
 async def list_jobs(
     request: Request[Any, Any, Any],
     container: h.ContainerDep,
-    status: FromQuery[str | None] = None,
-    limit: Annotated[int, QueryParameter(ge=1, le=200)] = 20,
-    cursor: FromQuery[str | None] = None,
+    status: Annotated[
+        m.StatusName | None, QueryParameter(description="Only jobs in this status")
+    ] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=200, description="Page size")] = 20,
+    cursor: Annotated[
+        str | None, QueryParameter(description="`nextCursor` of the previous page", max_length=200)
+    ] = None,
 ) -> JSONDict:
-    if status is not None and status not in STATUSES:
-        raise h.InvalidBody(
-            "invalid query", extra=[{"field": "status", "message": f"one of {', '.join(STATUSES)}"}]
-        )
     scope = h.reader(request, container.settings)
     try:
         page: JSONDict = await container.service.list(scope, status, limit, cursor)
@@ -69,7 +88,12 @@ async def list_jobs(
     return page
 
 
-@get("/api/jobs/{job_id:str}", summary="Job status", tags=["jobs"])
+@get(
+    "/api/jobs/{job_id:str}",
+    summary="Job status",
+    tags=["jobs"],
+    responses=m.responses({200: (m.Job, "The job")}, 401, 404, 503),
+)
 async def get_job(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
 ) -> JSONDict:
@@ -82,7 +106,20 @@ async def get_job(
     return view
 
 
-@get("/api/jobs/{job_id:str}/stream", summary="Job events (Server-Sent Events)", tags=["jobs"])
+@get(
+    "/api/jobs/{job_id:str}/stream",
+    summary="Job events (Server-Sent Events)",
+    tags=["jobs"],
+    responses={
+        200: ResponseSpec(
+            data_container=m.StreamEventData,
+            media_type="text/event-stream",
+            description=m.STREAM_DESCRIPTION,
+            generate_examples=False,
+        ),
+        **m.responses({}, 401, 404, 503),
+    },
+)
 async def stream_job(
     request: Request[Any, Any, Any],
     container: h.ContainerDep,
@@ -120,7 +157,12 @@ async def stream_job(
     )
 
 
-@get("/api/jobs/{job_id:str}/artifacts", summary="Artifact metadata of a job", tags=["artifacts"])
+@get(
+    "/api/jobs/{job_id:str}/artifacts",
+    summary="Artifact metadata of a job",
+    tags=["artifacts"],
+    responses=m.responses({200: (m.ArtifactList, "The job's artifacts")}, 401, 404, 503),
+)
 async def list_artifacts(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
 ) -> JSONDict:
@@ -131,7 +173,12 @@ async def list_artifacts(
     return {"jobId": job_id, "artifacts": items, "count": len(items)}
 
 
-@get("/api/jobs/{job_id:str}/artifacts/{name:str}", summary="One artifact", tags=["artifacts"])
+@get(
+    "/api/jobs/{job_id:str}/artifacts/{name:str}",
+    summary="One artifact",
+    tags=["artifacts"],
+    responses=m.responses({200: (m.ArtifactData, "The artifact with its data")}, 401, 404, 503),
+)
 async def get_artifact(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str], name: FromPath[str]
 ) -> JSONDict:
@@ -149,6 +196,12 @@ async def get_artifact(
     media_type="text/markdown",
     summary="The dossier as Markdown",
     tags=["artifacts"],
+    responses={
+        200: ResponseSpec(
+            data_container=str, media_type="text/markdown", description="The dossier", generate_examples=False
+        ),
+        **m.responses({}, 401, 404, 409, 503),
+    },
 )
 async def get_dossier_markdown(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
@@ -172,7 +225,21 @@ async def get_dossier_markdown(
     )
 
 
-@post("/api/jobs/{job_id:str}/cancel", status_code=200, summary="Cancel a job", tags=["jobs"])
+@post(
+    "/api/jobs/{job_id:str}/cancel",
+    status_code=200,
+    summary="Cancel a job",
+    tags=["jobs"],
+    responses=m.responses(
+        {
+            200: (m.JobAccepted, "The job is finished (cancelled now or before)"),
+            202: (m.JobAccepted, "Cancellation requested; the worker stops the job"),
+        },
+        401,
+        404,
+        503,
+    ),
+)
 async def cancel_job(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
 ) -> Response[JSONDict]:
@@ -195,7 +262,12 @@ async def cancel_job(
     )
 
 
-@get("/api/jobs/{job_id:str}/trace", summary="Every LLM call of a job", tags=["jobs"])
+@get(
+    "/api/jobs/{job_id:str}/trace",
+    summary="Every LLM call of a job",
+    tags=["jobs"],
+    responses=m.responses({200: (m.Trace, "The calls and their totals")}, 401, 404, 503),
+)
 async def get_trace(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
 ) -> JSONDict:

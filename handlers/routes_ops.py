@@ -6,21 +6,59 @@ import asyncio
 from importlib import resources
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import MediaType, Request, Response, get, post
+from litestar.openapi import ResponseSpec
 
+from handlers import api_models as m
 from handlers import http_common as h
 from handlers.auth import SubmitRateLimiter, require_operator, stream_tokens
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
 from handlers.stream_tokens import stream_url
+from handlers.strict_body import StrictBody
 from pipeline.model import Job
 from pipeline.routing import effective_config
 from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
 
 JSONDict = dict[str, Any]
 HEALTH_TIMEOUT_S = 0.8
+HEALTH_RESPONSES = {
+    200: ResponseSpec(data_container=m.Health, description="Store and queue answer", generate_examples=False),
+    503: ResponseSpec(
+        data_container=m.Health,
+        description="Store or queue unreachable (answered within 1 s)",
+        generate_examples=False,
+    ),
+}
+LEGACY: dict[str, Any] = {
+    "tags": ["legacy"],
+    "guards": [h.submit_guard],
+    "dto": StrictBody[m.JobRequest],
+    "return_dto": None,
+    "status_code": 200,
+    "responses": {
+        **m.responses(
+            {
+                200: (m.LegacyResult, "The job completed within `LEGACY_WAIT_S`"),
+                202: (m.LegacyAccepted, "Still running: follow the stream or poll the status URL"),
+            },
+            400,
+            401,
+            413,
+            415,
+            429,
+            503,
+        ),
+        500: ResponseSpec(
+            data_container=m.LegacyError | m.Error,
+            description="The job failed or was cancelled (`error` is its code), or an internal error",
+            generate_examples=False,
+        ),
+    },
+}
 log = structlog.get_logger("jobq.http")
 
 
@@ -40,17 +78,27 @@ async def _health(c: Container) -> Response[JSONDict]:
     return Response({"status": "error", "error": error, **body}, status_code=503)
 
 
-@get("/api/jobs/health", summary="Liveness of store and queue", tags=["ops"])
+@get(
+    "/api/jobs/health",
+    summary="Liveness of store and queue",
+    tags=["ops"],
+    responses=HEALTH_RESPONSES,
+)
 async def health(container: h.ContainerDep) -> Response[JSONDict]:
     return await _health(container)
 
 
-@get("/api/v2/health", summary="Health (legacy path)", tags=["legacy"])
+@get("/api/v2/health", summary="Health (legacy path)", tags=["legacy"], responses=HEALTH_RESPONSES)
 async def health_v2(container: h.ContainerDep) -> Response[JSONDict]:
     return await _health(container)
 
 
-@get("/api/jobs/stats", summary="Counts by status, workers, backend", tags=["ops"])
+@get(
+    "/api/jobs/stats",
+    summary="Counts by status, workers, backend",
+    tags=["ops"],
+    responses=m.responses({200: (m.Stats, "Counts")}, 401, 503),
+)
 async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
     """Every tenant's counts: an operator's view, so it takes an operator key."""
     require_operator(request, container.settings)
@@ -59,7 +107,12 @@ async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> J
     return body
 
 
-@get("/api/config", summary="Effective configuration (no secrets)", tags=["ops"])
+@get(
+    "/api/config",
+    summary="Effective configuration (no secrets)",
+    tags=["ops"],
+    responses=m.responses({200: (m.Config, "The effective configuration")}, 401),
+)
 async def config(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
     settings = container.settings
     h.tenant(request, settings)
@@ -92,17 +145,12 @@ async def index() -> bytes:
 
 
 async def _legacy(
-    request: Request[Any, Any, Any],
-    c: Container,
-    metrics: Metrics,
-    limiter: SubmitRateLimiter,
-    endpoint: str,
+    request: Request[Any, Any, Any], data: m.JobRequest, c: Container, metrics: Metrics, endpoint: str
 ) -> Response[JSONDict]:
     """Create a normal job, then wait up to ``LEGACY_WAIT_S`` for it; never a gateway timeout."""
-    caller = h.tenant(request, c.settings)
-    h.rate_limit(limiter, caller)
-    key = h.idempotency_key(request)
-    job, created = await c.service.submit(await h.json_body(request), caller, key)
+    job, created = await c.service.submit(
+        msgspec.structs.asdict(data), request.state["caller"], request.state["idempotency_key"]
+    )
     if created:
         metrics.submitted.labels(endpoint=endpoint).inc()
     if c.settings.legacy_wait_s > 0 and job.status not in TERMINAL_STATUSES:
@@ -152,18 +200,26 @@ def legacy_response(job: Job, stream: str) -> Response[JSONDict]:
     )
 
 
-@post("/api/v2/auto", summary="Legacy: run a job and wait", tags=["legacy"])
+@post("/api/v2/auto", summary="Legacy: run a job and wait", **LEGACY)
 async def legacy_auto(
-    request: Request[Any, Any, Any], container: h.ContainerDep, metrics: h.MetricsDep, limiter: h.LimiterDep
+    request: Request[Any, Any, Any],
+    data: m.JobRequest,
+    container: h.ContainerDep,
+    metrics: h.MetricsDep,
+    idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
-    return await _legacy(request, container, metrics, limiter, "v2_auto")
+    return await _legacy(request, data, container, metrics, "v2_auto")
 
 
-@post("/api/v2/dossier/generate", summary="Legacy: run a job and wait", tags=["legacy"])
+@post("/api/v2/dossier/generate", summary="Legacy: run a job and wait", **LEGACY)
 async def legacy_generate(
-    request: Request[Any, Any, Any], container: h.ContainerDep, metrics: h.MetricsDep, limiter: h.LimiterDep
+    request: Request[Any, Any, Any],
+    data: m.JobRequest,
+    container: h.ContainerDep,
+    metrics: h.MetricsDep,
+    idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
-    return await _legacy(request, container, metrics, limiter, "v2_dossier_generate")
+    return await _legacy(request, data, container, metrics, "v2_dossier_generate")
 
 
 ROUTES = [health, health_v2, stats, config, metrics, index, legacy_auto, legacy_generate]
