@@ -65,8 +65,8 @@ def _detail(error: dict[str, Any]) -> dict[str, str]:
     """``{field, message}`` of one of Litestar's validation errors; a missing body is ``body``."""
     field = str(error.get("key", ""))
     message = str(error.get("message", ""))
-    if field == "data" and error.get("source") in (None, "body"):
-        return {"field": "body", "message": "required" if "missing" in message.lower() else message}
+    if field == "data":  # decoding errors are InvalidBody: what fails here is a missing body
+        return {"field": "body", "message": "required"}
     return {"field": field, "message": message}
 
 

@@ -12,7 +12,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import ClientException, HTTPException, NotFoundException
 from litestar.handlers import BaseRouteHandler
-from litestar.params import Parameter, SkipValidation
+from litestar.params import HeaderParameter, SkipValidation
 
 from handlers.auth import SubmitRateLimiter, read_scope, resolve_tenant
 from handlers.bootstrap import Container
@@ -38,8 +38,8 @@ class UnsupportedMediaType(HTTPException):
 
 IdempotencyKeyHeader = Annotated[
     str | None,
-    Parameter(
-        header="Idempotency-Key",
+    HeaderParameter(
+        name="Idempotency-Key",
         required=False,
         min_length=1,
         max_length=255,

@@ -8,7 +8,7 @@ import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.response import ServerSentEvent
 
 from handlers import api_models as m
@@ -41,7 +41,7 @@ def job_location(job_id: str) -> str:
 )
 async def create_job(
     request: Request[Any, Any, Any],
-    data: m.JobRequest,
+    data: JSONBody[m.JobRequest],
     container: h.ContainerDep,
     metrics: h.MetricsDep,
     idempotency_key: h.IdempotencyKeyHeader = None,
@@ -92,7 +92,7 @@ async def list_jobs(
     "/api/jobs/{job_id:str}",
     summary="Job status",
     tags=["jobs"],
-    responses=m.responses({200: (m.Job, "The job")}, 401, 404, 503),
+    responses=m.responses({200: (m.Job, "The job")}, 400, 401, 404, 503),
 )
 async def get_job(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
@@ -117,7 +117,7 @@ async def get_job(
             description=m.STREAM_DESCRIPTION,
             generate_examples=False,
         ),
-        **m.responses({}, 401, 404, 503),
+        **m.responses({}, 400, 401, 404, 503),
     },
 )
 async def stream_job(
@@ -161,7 +161,7 @@ async def stream_job(
     "/api/jobs/{job_id:str}/artifacts",
     summary="Artifact metadata of a job",
     tags=["artifacts"],
-    responses=m.responses({200: (m.ArtifactList, "The job's artifacts")}, 401, 404, 503),
+    responses=m.responses({200: (m.ArtifactList, "The job's artifacts")}, 400, 401, 404, 503),
 )
 async def list_artifacts(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]
@@ -177,7 +177,7 @@ async def list_artifacts(
     "/api/jobs/{job_id:str}/artifacts/{name:str}",
     summary="One artifact",
     tags=["artifacts"],
-    responses=m.responses({200: (m.ArtifactData, "The artifact with its data")}, 401, 404, 503),
+    responses=m.responses({200: (m.ArtifactData, "The artifact with its data")}, 400, 401, 404, 503),
 )
 async def get_artifact(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str], name: FromPath[str]
@@ -200,7 +200,7 @@ async def get_artifact(
         200: ResponseSpec(
             data_container=str, media_type="text/markdown", description="The dossier", generate_examples=False
         ),
-        **m.responses({}, 401, 404, 409, 503),
+        **m.responses({}, 400, 401, 404, 409, 503),
     },
 )
 async def get_dossier_markdown(
@@ -235,6 +235,7 @@ async def get_dossier_markdown(
             200: (m.JobAccepted, "The job is finished (cancelled now or before)"),
             202: (m.JobAccepted, "Cancellation requested; the worker stops the job"),
         },
+        400,
         401,
         404,
         503,
@@ -266,7 +267,7 @@ async def cancel_job(
     "/api/jobs/{job_id:str}/trace",
     summary="Every LLM call of a job",
     tags=["jobs"],
-    responses=m.responses({200: (m.Trace, "The calls and their totals")}, 401, 404, 503),
+    responses=m.responses({200: (m.Trace, "The calls and their totals")}, 400, 401, 404, 503),
 )
 async def get_trace(
     request: Request[Any, Any, Any], container: h.ContainerDep, job_id: FromPath[str]

@@ -10,6 +10,7 @@ import msgspec
 import structlog
 from litestar import MediaType, Request, Response, get, post
 from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody
 
 from handlers import api_models as m
 from handlers import http_common as h
@@ -26,7 +27,7 @@ from pipeline.vocabulary import TERMINAL_STATUSES, JobStatus
 JSONDict = dict[str, Any]
 HEALTH_TIMEOUT_S = 0.8
 HEALTH_RESPONSES = {
-    200: ResponseSpec(data_container=m.Health, description="Store and queue answer", generate_examples=False),
+    **m.responses({200: (m.Health, "Store and queue answer")}),
     503: ResponseSpec(
         data_container=m.Health,
         description="Store or queue unreachable (answered within 1 s)",
@@ -203,7 +204,7 @@ def legacy_response(job: Job, stream: str) -> Response[JSONDict]:
 @post("/api/v2/auto", summary="Legacy: run a job and wait", **LEGACY)
 async def legacy_auto(
     request: Request[Any, Any, Any],
-    data: m.JobRequest,
+    data: JSONBody[m.JobRequest],
     container: h.ContainerDep,
     metrics: h.MetricsDep,
     idempotency_key: h.IdempotencyKeyHeader = None,
@@ -214,7 +215,7 @@ async def legacy_auto(
 @post("/api/v2/dossier/generate", summary="Legacy: run a job and wait", **LEGACY)
 async def legacy_generate(
     request: Request[Any, Any, Any],
-    data: m.JobRequest,
+    data: JSONBody[m.JobRequest],
     container: h.ContainerDep,
     metrics: h.MetricsDep,
     idempotency_key: h.IdempotencyKeyHeader = None,
