@@ -23,7 +23,6 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from pipeline.request import (
     DEFAULT_GEO,
-    DEFAULT_LANGUAGE,
     DEFAULT_PARALLEL_LIMIT,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_MS,
@@ -65,7 +64,7 @@ class JobRequest(Struct, kw_only=True):
     project_title: Title
     elevator_pitch: Pitch | None = None
     pitch: Annotated[str | None, _doc("Alias of elevator_pitch (used when elevator_pitch is absent)")] = None
-    language: Literal["de", "en"] | None = DEFAULT_LANGUAGE
+    language: Literal["de", "en"] | None = "de"  # DEFAULT_LANGUAGE
     target: Annotated[
         str | None, _doc("At most 200 characters after trimming; blank means the default", maxLength=200)
     ] = DEFAULT_TARGET
@@ -361,7 +360,8 @@ class DoneEvent(Struct):
     status: str
 
 
-StreamEventData = JobSummary | Artifact | JobResult | JobError | DoneEvent | DeltaEvent
+StreamEventData: Any = JobSummary | Artifact | JobResult | JobError | DoneEvent | DeltaEvent
+"""The data of one event (typed ``Any``: a union is no ``ResponseSpec.data_container`` to mypy)."""
 
 STREAM_DESCRIPTION = """Server-Sent Events. `retry:` first, a comment heartbeat every 15 s.
 Every event has an `id:` increasing per job; reconnect with `Last-Event-ID` (header or

@@ -23,7 +23,13 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from handlers.auth import SubmitRateLimiter
 from handlers.bootstrap import Container, bootstrap
-from handlers.http_common import InvalidBody, dependencies, error_response
+from handlers.http_common import (
+    HTTP_ERROR_CODES,
+    HttpErrorCode,
+    InvalidBody,
+    dependencies,
+    error_response,
+)
 from handlers.metrics import Metrics
 from handlers.routes_jobs import ROUTES as JOB_ROUTES
 from handlers.routes_ops import ROUTES as OPS_ROUTES
@@ -32,33 +38,22 @@ from pipeline.request import RequestInvalid
 
 log = structlog.get_logger("jobq.http")
 
-ERROR_CODES = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-    503: "unavailable",
-}
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
     status = exc.status_code
     if status >= 500:
         log.error("http_error", path=request.url.path, status=status, detail=exc.detail)
-        return error_response(status, ERROR_CODES.get(status, "internal_error"), "server error")
+        code = HTTP_ERROR_CODES.get(status, HttpErrorCode.INTERNAL_ERROR)
+        return error_response(status, code, "server error")
     extra: dict[str, Any] = {}
     if isinstance(exc, InvalidBody) and isinstance(exc.extra, list):
         extra["details"] = exc.extra
     elif isinstance(exc, ValidationException) and isinstance(exc.extra, list):
         extra["details"] = [_detail(e) for e in exc.extra if isinstance(e, dict)]
     headers = dict(exc.headers or {})
-    return error_response(
-        status, ERROR_CODES.get(status, "http_error"), str(exc.detail), headers=headers, **extra
-    )
+    code = HTTP_ERROR_CODES.get(status, HttpErrorCode.HTTP_ERROR)
+    return error_response(status, code, str(exc.detail), headers=headers, **extra)
 
 
 def _detail(error: dict[str, Any]) -> dict[str, str]:
@@ -71,7 +66,8 @@ def _detail(error: dict[str, Any]) -> dict[str, str]:
 
 
 def _request_invalid(_: Request[Any, Any, Any], exc: RequestInvalid) -> Response[dict[str, Any]]:
-    return error_response(400, "invalid_request", "the job request is invalid", details=exc.details)
+    message = "the job request is invalid"
+    return error_response(400, HttpErrorCode.INVALID_REQUEST, message, details=exc.details)
 
 
 def _unavailable(
@@ -79,13 +75,15 @@ def _unavailable(
 ) -> Response[dict[str, Any]]:
     log.warning("backend_unavailable", path=request.url.path, error=str(exc))
     return error_response(
-        503, "unavailable", "the job store or queue is unreachable", headers={"Retry-After": "5"}
+        503, HttpErrorCode.UNAVAILABLE, "the job store or queue is unreachable", headers={"Retry-After": "5"}
     )
 
 
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled_error", path=request.url.path, exc_info=exc)
-    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal_error", "internal server error")
+    return error_response(
+        HTTP_500_INTERNAL_SERVER_ERROR, HttpErrorCode.INTERNAL_ERROR, "internal server error"
+    )
 
 
 def create_app(container: Container | None = None) -> Litestar:

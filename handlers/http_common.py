@@ -5,6 +5,7 @@ injection, caller identity, the checks before a submitted body is read and the e
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Annotated, Any
 
 from litestar import Request, Response
@@ -19,6 +20,38 @@ from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.settings import Settings
 from pipeline.model import ARTIFACT_NAME_RE
+
+
+class HttpErrorCode(StrEnum):
+    """``error`` of an HTTP error answer (the README's table of HTTP error codes). A
+    failed job's own codes are ``pipeline.vocabulary.ErrorCode``."""
+
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    NO_DOSSIER = "no_dossier"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    RATE_LIMITED = "rate_limited"
+    HTTP_ERROR = "http_error"
+    """Any other 4xx Litestar raises."""
+    INTERNAL_ERROR = "internal_error"
+    UNAVAILABLE = "unavailable"
+
+
+HTTP_ERROR_CODES = {
+    400: HttpErrorCode.INVALID_REQUEST,
+    401: HttpErrorCode.UNAUTHORIZED,
+    403: HttpErrorCode.FORBIDDEN,
+    404: HttpErrorCode.NOT_FOUND,
+    405: HttpErrorCode.METHOD_NOT_ALLOWED,
+    413: HttpErrorCode.PAYLOAD_TOO_LARGE,
+    415: HttpErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    429: HttpErrorCode.RATE_LIMITED,
+    503: HttpErrorCode.UNAVAILABLE,
+}
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -128,7 +161,7 @@ def submit_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
 
 
 def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+    status: int, code: HttpErrorCode, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Response[dict[str, Any]]:
     return Response(
         {"error": code, "message": message, **extra}, status_code=status, headers=headers

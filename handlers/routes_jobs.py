@@ -215,9 +215,8 @@ async def get_dossier_markdown(
     item = await container.service.artifact(job_id, scope, "dossier")
     if item is None:
         message = f"the job is {job.status} and has no dossier yet"
-        return Response(
-            {"error": "no_dossier", "message": message}, status_code=409, media_type=MediaType.JSON
-        )
+        body = {"error": h.HttpErrorCode.NO_DOSSIER, "message": message}
+        return Response(body, status_code=409, media_type=MediaType.JSON)
     filename = f"{slug(item['data'].get('title'))}.md"
     return Response(
         render_markdown(item["data"]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import structlog
@@ -54,7 +54,7 @@ LEGACY: dict[str, Any] = {
             503,
         ),
         500: ResponseSpec(
-            data_container=m.LegacyError | m.Error,
+            data_container=cast(Any, m.LegacyError | m.Error),
             description="The job failed or was cancelled (`error` is its code), or an internal error",
             generate_examples=False,
         ),
