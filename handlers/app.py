@@ -127,7 +127,7 @@ def create_app(container: Container | None = None) -> Litestar:
         lifespan=[lifespan],
         # ``state`` serves the guards, which run before dependencies are resolved.
         state=State({"container": container, "limiter": limiter}),
-        dependencies=dependencies(container, metrics, limiter),
+        dependencies=dependencies(container, metrics),
         exception_handlers={
             HTTPException: _http_error,
             RequestInvalid: _request_invalid,

@@ -86,16 +86,15 @@ IdempotencyKeyHeader = Annotated[
 # trusted (no validation of the injected value).
 ContainerDep = NamedDependency[SkipValidation[Container]]
 MetricsDep = NamedDependency[SkipValidation[Metrics]]
-LimiterDep = NamedDependency[SkipValidation[SubmitRateLimiter]]
 
 
-def dependencies(container: Container, metrics: Metrics, limiter: SubmitRateLimiter) -> dict[str, Provide]:
+def dependencies(container: Container, metrics: Metrics) -> dict[str, Provide]:
     """The app-level ``dependencies`` of ``create_app``: one object each, for every request."""
 
     def constant(value: object) -> Provide:
         return Provide(lambda: value, use_cache=True, sync_to_thread=False)
 
-    return {"container": constant(container), "metrics": constant(metrics), "limiter": constant(limiter)}
+    return {"container": constant(container), "metrics": constant(metrics)}
 
 
 # The caller's identity is no dependency: dependencies resolve before the handler's own
