@@ -11,7 +11,7 @@ The response models describe what the handlers return. The handlers keep returni
 the domain's plain dicts (every field of the compat shapes exactly as before; the
 schema allows more fields than it names), and tests check real answers against
 these schemas (schemathesis' response conformance, tests/test_openapi_contract.py).
-Fields that other work adds (``streamUrl``, ``max_cost_usd``) are optional here.
+``max_cost_usd`` (other work adds it to the domain's checks) is optional here.
 """
 
 from __future__ import annotations
@@ -156,7 +156,6 @@ class JobSummary(Struct, kw_only=True):
     completedAt: str | None
     attempts: int
     error: JobError | None
-    streamUrl: str | UnsetType = UNSET
 
 
 class Job(Struct, kw_only=True):
@@ -173,17 +172,25 @@ class Job(Struct, kw_only=True):
     attempts: int
     error: JobError | None
     artifacts: Annotated[dict[str, ArtifactSummary], _doc("Artifact name -> metadata")]
+    streamUrl: str
     result: JobResult | UnsetType = UNSET
-    streamUrl: str | UnsetType = UNSET
 
 
 class JobAccepted(Struct, kw_only=True):
-    """202 of ``POST /api/jobs``; also the answer of ``POST .../cancel``."""
+    """202 of ``POST /api/jobs``."""
 
     jobId: str
     status: StatusName
     message: str
-    streamUrl: str | UnsetType = UNSET
+    streamUrl: Annotated[str, _doc("Where to follow the job's events (with a short-lived token under auth)")]
+
+
+class CancelResult(Struct):
+    """The answer of ``POST /api/jobs/{jobId}/cancel``."""
+
+    jobId: str
+    status: StatusName
+    message: str
 
 
 class JobList(Struct):
@@ -383,6 +390,7 @@ Every event has an `id:` increasing per job; reconnect with `Last-Event-ID` (hea
 ERROR_DESCRIPTIONS = {
     400: "Bad input: `details` names each field and what is wrong with it",
     401: "No valid API key (`Authorization: Bearer` or `X-API-Key`)",
+    403: "The route needs an operator key (`OPERATOR_KEYS`)",
     404: "Unknown job or artifact, or another tenant's",
     409: "The job has no dossier yet",
     413: "Body larger than `MAX_BODY_BYTES`",

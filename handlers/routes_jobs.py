@@ -47,9 +47,8 @@ async def create_job(
     idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
     """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
-    job, created = await container.service.submit(
-        msgspec.structs.asdict(data), request.state["caller"], idempotency_key
-    )
+    caller = request.state["caller"]
+    job, created = await container.service.submit(msgspec.structs.asdict(data), caller, idempotency_key)
     if created:
         metrics.submitted.labels(endpoint="jobs").inc()
     message = "job accepted" if created else "job already exists for this Idempotency-Key"
@@ -231,8 +230,8 @@ async def get_dossier_markdown(
     tags=["jobs"],
     responses=m.responses(
         {
-            200: (m.JobAccepted, "The job is finished (cancelled now or before)"),
-            202: (m.JobAccepted, "Cancellation requested; the worker stops the job"),
+            200: (m.CancelResult, "The job is finished (cancelled now or before)"),
+            202: (m.CancelResult, "Cancellation requested; the worker stops the job"),
         },
         400,
         401,

@@ -14,7 +14,7 @@ from litestar.params import JSONBody
 
 from handlers import api_models as m
 from handlers import http_common as h
-from handlers.auth import SubmitRateLimiter, require_operator, stream_tokens
+from handlers.auth import require_operator, stream_tokens
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
@@ -98,7 +98,7 @@ async def health_v2(container: h.ContainerDep) -> Response[JSONDict]:
     "/api/jobs/stats",
     summary="Counts by status, workers, backend",
     tags=["ops"],
-    responses=m.responses({200: (m.Stats, "Counts")}, 401, 503),
+    responses=m.responses({200: (m.Stats, "Counts")}, 401, 403, 503),
 )
 async def stats(request: Request[Any, Any, Any], container: h.ContainerDep) -> JSONDict:
     """Every tenant's counts: an operator's view, so it takes an operator key."""
@@ -149,8 +149,9 @@ async def _legacy(
     request: Request[Any, Any, Any], data: m.JobRequest, c: Container, metrics: Metrics, endpoint: str
 ) -> Response[JSONDict]:
     """Create a normal job, then wait up to ``LEGACY_WAIT_S`` for it; never a gateway timeout."""
+    caller = request.state["caller"]
     job, created = await c.service.submit(
-        msgspec.structs.asdict(data), request.state["caller"], request.state["idempotency_key"]
+        msgspec.structs.asdict(data), caller, request.state["idempotency_key"]
     )
     if created:
         metrics.submitted.labels(endpoint=endpoint).inc()

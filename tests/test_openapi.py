@@ -159,7 +159,7 @@ def test_a_finished_job_answers_as_documented(live: Service, finished: str) -> N
         trace = client.get(f"/api/jobs/{finished}/trace").json()
         assert trace["calls"]
         conforms(trace, "Trace")
-        conforms(client.post(f"/api/jobs/{finished}/cancel").json(), "JobAccepted")
+        conforms(client.post(f"/api/jobs/{finished}/cancel").json(), "CancelResult")
         conforms(client.get("/api/jobs/stats").json(), "Stats")
         conforms(client.get("/api/config").json(), "Config")
         conforms(client.get("/api/jobs/health").json(), "Health")

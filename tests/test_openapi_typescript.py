@@ -46,7 +46,12 @@ export function firstProblem(failure: Failure): string | undefined {
   return failure.details?.[0]?.field;
 }
 
-export const created: Created = { jobId: "j", status: "queued", message: "job accepted" };
+export const created: Created = {
+  jobId: "j",
+  status: "queued",
+  message: "job accepted",
+  streamUrl: "/api/jobs/j/stream",
+};
 export const events: Event[] = [{ status: "completed" }];
 
 // @ts-expect-error: language is "de" or "en"
