@@ -142,7 +142,7 @@ def idempotency_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | Non
     return raw
 
 
-def submit_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def submit_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """The checks of a job submission that come before its body is read, in SPEC order:
     401, 429, a bad ``Idempotency-Key`` (400), a body that is not JSON (415). Leaves the
     caller and the key in ``connection.state`` for the handler."""
