@@ -11,7 +11,8 @@ The response models describe what the handlers return. The handlers keep returni
 the domain's plain dicts (every field of the compat shapes exactly as before; the
 schema allows more fields than it names), and tests check real answers against
 these schemas (schemathesis' response conformance, tests/test_openapi_contract.py).
-``max_cost_usd`` (other work adds it to the domain's checks) is optional here.
+The job document's ``streamUrl`` and the request's ``max_cost_usd`` are declared as
+the handlers and the domain give them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.request import (
     DEFAULT_PARALLEL_LIMIT,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_MS,
+    MAX_COST_USD_RANGE,
 )
 from pipeline.vocabulary import ErrorCode
 
@@ -54,7 +56,14 @@ Pitch = Annotated[
 
 ParallelLimit = Annotated[int, Meta(ge=1, le=16, description="Max concurrent LLM calls of this job")]
 TimeoutMs = Annotated[int, Meta(ge=1_000, le=3_600_000, description="Deadline of the whole job, in ms")]
-MaxCost = Annotated[float, Meta(gt=0, description="Spending cap of the job, in US dollars")]
+MaxCost = Annotated[
+    float,
+    Meta(
+        gt=MAX_COST_USD_RANGE[0],
+        le=MAX_COST_USD_RANGE[1],
+        description="Spending cap of the job in US dollars at LLM_PRICES (> 0); a 400 without prices",
+    ),
+]
 
 
 class JobRequest(Struct, kw_only=True):
