@@ -32,7 +32,7 @@ def job_location(job_id: str) -> str:
     status_code=202,
     summary="Create a job",
     tags=["jobs"],
-    guards=[h.submit_guard],
+    before_request=h.submit_checks,
     dto=StrictBody[m.JobRequest],
     return_dto=None,
     responses=m.responses(
@@ -47,7 +47,7 @@ async def create_job(
     idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
     """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
-    caller = request.state["caller"]
+    caller, _ = h.submitter(request)
     job, created = await container.service.submit(msgspec.structs.asdict(data), caller, idempotency_key)
     if created:
         metrics.submitted.labels(endpoint="jobs").inc()

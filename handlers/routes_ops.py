@@ -36,7 +36,7 @@ HEALTH_RESPONSES = {
 }
 LEGACY: dict[str, Any] = {
     "tags": ["legacy"],
-    "guards": [h.submit_guard],
+    "before_request": h.submit_checks,
     "dto": StrictBody[m.JobRequest],
     "return_dto": None,
     "status_code": 200,
@@ -149,10 +149,8 @@ async def _legacy(
     request: Request[Any, Any, Any], data: m.JobRequest, c: Container, metrics: Metrics, endpoint: str
 ) -> Response[JSONDict]:
     """Create a normal job, then wait up to ``LEGACY_WAIT_S`` for it; never a gateway timeout."""
-    caller = request.state["caller"]
-    job, created = await c.service.submit(
-        msgspec.structs.asdict(data), caller, request.state["idempotency_key"]
-    )
+    caller, key = h.submitter(request)
+    job, created = await c.service.submit(msgspec.structs.asdict(data), caller, key)
     if created:
         metrics.submitted.labels(endpoint=endpoint).inc()
     if c.settings.legacy_wait_s > 0 and job.status not in TERMINAL_STATUSES:
