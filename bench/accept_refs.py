@@ -155,7 +155,7 @@ async def run(ref: str, runs: int, seconds: float, logs: Path, old_path: Path) -
     text, ratio = table(results, {"old": old.label, "new": new.label}, runs)
     dirty = git("status", "--porcelain", "--", "pipeline", "adapters", "handlers")
     text += (
-        f"\nCompared: the web server (`jobq serve`) of `{ref}` (old: the body read with `json.loads` "
+        f"\nCompared: the web server (`jobq serve`) of {old.label} (old: the body read with `json.loads` "
         "and checked by hand in `pipeline/request.py`) and of the work tree (new: the body decoded by "
         "Litestar into the `JobRequest` msgspec Struct, strictly, then the domain's checks), "
         f"{'with uncommitted changes in pipeline/, adapters/, handlers/' if dirty else 'clean'}. "
