@@ -97,7 +97,7 @@ class ErrorDetail(Struct):
 class Error(Struct, kw_only=True):
     """Every 4xx/5xx answer (SPEC §4). ``error`` is a code of the README's table."""
 
-    error: str
+    error: Annotated[str, _doc("invalid_request, unauthorized, not_found, rate_limited, ... (README)")]
     message: str
     details: list[ErrorDetail] | UnsetType = UNSET
 
@@ -256,6 +256,9 @@ class TraceCall(Struct, kw_only=True):
     prompt_tokens_est: int | UnsetType = UNSET
     truncate_applied: bool | UnsetType = UNSET
     sources_dropped: int | UnsetType = UNSET
+    tokens_estimated: Annotated[
+        bool | UnsetType, _doc("completion_tokens estimated from the text streamed before an abort")
+    ] = UNSET
 
 
 class TraceTotals(Struct):
