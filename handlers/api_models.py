@@ -62,6 +62,8 @@ MaxCost = Annotated[
         gt=MAX_COST_USD_RANGE[0],
         le=MAX_COST_USD_RANGE[1],
         description="Spending cap of the job in US dollars at LLM_PRICES (> 0); a 400 without prices",
+        # Litestar drops a falsy gt=0 from the schema: stated here
+        extra_json_schema={"extra": {"exclusiveMinimum": MAX_COST_USD_RANGE[0]}},
     ),
 ]
 

@@ -103,6 +103,7 @@ def test_request_limits_are_in_the_schema() -> None:
     assert fields["project_title"]["maxLength"] == 200
     assert fields["elevator_pitch"]["maxLength"] == 10_000
     assert fields["language"]["enum"][:2] == ["de", "en"]
+    assert fields["max_cost_usd"]["exclusiveMinimum"] == 0
     assert DOCUMENT["components"]["schemas"]["JobRequest"]["required"] == ["project_title"]
     params = {p["name"]: p["schema"] for p in DOCUMENT["paths"]["/api/jobs"]["get"]["parameters"]}
     assert (params["limit"]["minimum"], params["limit"]["maximum"]) == (1, 200)
