@@ -1,4 +1,4 @@
-"""The redis store's event log: one Redis stream per job, read with XREAD BLOCK."""
+"""The redis store's event log: one Redis stream per job; waiting reads share one reader."""
 
 from __future__ import annotations
 
@@ -6,24 +6,28 @@ import json
 from typing import Any
 
 from adapters.constants import EVENTS_KEY
-from adapters.redis_clients import OP_TIMEOUT_S, RedisClients, bounded, lua_script
+from adapters.redis_autopipeline import AutoPipeline
+from adapters.redis_clients import RedisClients, bounded, lua_script, unavailable_on_failure
 from adapters.redis_codec import EVENT_SEQ_KEY, RedisKeys, parse_stream
+from adapters.redis_feed import READ_COUNT, RedisEventFeed
 from pipeline.model import JSON, Event
 
 
 class RedisEventLog:
     """Event n of a job is entry ``<n>-0`` of its stream; a counter key hands out n, so
-    ids are consecutive across writers. A reader waiting for the next event is parked
-    in XREAD BLOCK inside Redis (on the blocking pool) and wakes when one is appended."""
+    ids are consecutive across writers. A read that finds nothing and may wait goes to
+    the process's :class:`~adapters.redis_feed.RedisEventFeed`: one XREAD BLOCK over
+    every stream being waited on, on one connection, instead of one per reader."""
 
-    def __init__(self, clients: RedisClients, keys: RedisKeys, ttl_s: int) -> None:
+    def __init__(
+        self, clients: RedisClients, keys: RedisKeys, ttl_s: int, auto: AutoPipeline | None = None
+    ) -> None:
         self._redis = clients.commands
-        # XREAD BLOCK holds a connection for up to ``wait_s`` (one per SSE client): the
-        # blocking pool, no socket timeout; ``asyncio.timeout`` bounds each read instead.
-        self._blocking = clients.blocking
+        self._auto = auto or AutoPipeline(self._redis)
         self._keys = keys
         self.ttl_s = ttl_s
         self._append_script = self._redis.register_script(lua_script("store_append_event"))
+        self.feed = RedisEventFeed(clients.url, keys.prefix, self._read_now, self._wake)
 
     def _stream(self, job_id: str) -> str:
         return self._keys.key(EVENTS_KEY, job_id)
@@ -37,12 +41,18 @@ class RedisEventLog:
         return Event(int(event_id), type, data)
 
     async def read(self, job_id: str, after: int, wait_s: float) -> list[Event]:
-        stream: dict[Any, Any] = {self._stream(job_id): f"{after}-0"}
-        async with bounded("redis"):
-            events = parse_stream(await self._redis.xread(stream))
-        if events or wait_s <= 0:
-            return events
-        # XREAD BLOCK: Redis answers when an event is appended or after ``wait_s``.
-        async with bounded("redis", wait_s + OP_TIMEOUT_S):
-            reply = await self._blocking.xread(stream, block=max(1, int(wait_s * 1000)))
+        with unavailable_on_failure("redis"):
+            return await self.feed.read(self._stream(job_id), after, wait_s)
+
+    async def _read_now(self, key: str, after: int) -> list[Event]:
+        """A non-blocking XREAD, batched with whatever else this turn sends."""
+        reply: Any = await self._auto.submit("XREAD", "COUNT", READ_COUNT, "STREAMS", key, f"{after}-0")
         return parse_stream(reply)
+
+    async def _wake(self, key: str, ttl_s: int) -> None:
+        """One entry on the feed's private wake-up stream (its reader returns at once)."""
+        await self._auto.submit("XADD", key, "MAXLEN", "1", "*", "w", "1")
+        await self._auto.submit("EXPIRE", key, ttl_s)
+
+    async def aclose(self) -> None:
+        await self.feed.aclose()

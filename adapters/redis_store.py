@@ -93,8 +93,8 @@ class RedisStore(JobStore):
         self._redis = clients.commands
         self._keys = RedisKeys(prefix)
         self._index = RedisJobIndex(clients, self._keys, ttl_s)
-        self._events = RedisEventLog(clients, self._keys, ttl_s)
         self._auto = AutoPipeline(self._redis)
+        self._events = RedisEventLog(clients, self._keys, ttl_s, self._auto)
         register = self._redis.register_script
         self._create_script = register(lua_script("store_create"))
         self._commit_script = register(lua_script("store_commit"))
@@ -139,6 +139,7 @@ class RedisStore(JobStore):
             log.warning("redis_unavailable_at_start", error=str(exc))
 
     async def close(self) -> None:
+        await self._events.aclose()
         await self.clients.aclose()
 
     async def ping(self) -> None:

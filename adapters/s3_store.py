@@ -51,6 +51,7 @@ from adapters.constants import (
     SPEND_KEY,
     TRACE_KEY,
 )
+from adapters.s3_feed import S3EventFeed
 from adapters.s3_objects import S3Objects, lost_race, missing
 from pipeline.model import JSON, Artifact, Conflict, Event, Expect, Job
 from pipeline.ports import JobStore
@@ -59,8 +60,6 @@ from pipeline.vocabulary import ACTIVE_STATUSES, IDEMPOTENCY_TTL_S, STATUSES
 log = structlog.get_logger("jobq.s3")
 
 CAS_ATTEMPTS = 50
-EVENT_POLL_S = 0.25
-"""S3 cannot block a reader until a write happens; ``read_events`` lists this often."""
 MAX_INDEX_SCAN = 1000
 """At most this many index keys are read per ``list_jobs`` call (status filters)."""
 INVERT_MS = 10**13
@@ -86,6 +85,7 @@ class S3Store(JobStore):
         self.ttl_s = ttl_s
         self._s3 = S3Objects(bucket, self.prefix, endpoint_url, region)
         self._last_event: dict[str, int] = {}
+        self._feed = S3EventFeed(self._fetch_events)
 
     def _key(self, *parts: str) -> str:
         """``prefix/part/...``; a trailing ``""`` part makes a listing prefix ending in ``/``."""
@@ -95,6 +95,7 @@ class S3Store(JobStore):
         await self._s3.ping()
 
     async def close(self) -> None:
+        await self._feed.aclose()
         self._s3.close()
 
     # -- jobs -------------------------------------------------------------
@@ -322,15 +323,9 @@ class S3Store(JobStore):
         return [Event(int(r["id"]), str(r["type"]), r["data"]) for r in records]
 
     async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
-        """S3 cannot block until an object appears, so an empty read is repeated every
-        ``EVENT_POLL_S`` (one LIST request each) until ``wait_s`` has passed."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            events = await self._fetch_events(job_id, after)
-            left = deadline - time.monotonic()
-            if events or left <= 0:
-                return events
-            await asyncio.sleep(min(EVENT_POLL_S, left))
+        """S3 cannot block until an object appears: a read that may wait goes to the
+        job's shared poller (``adapters.s3_feed``), which backs off while the job is idle."""
+        return await self._feed.read(job_id, after, wait_s)
 
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"

@@ -1,18 +1,32 @@
-"""The job event stream (SPEC §4): the store's event log replayed and followed.
+"""The job event stream (SPEC §4, §7.2): the store's event log replayed and followed.
 
 Every event carries the store's per-job id, so a reconnect with ``Last-Event-ID``
 continues exactly after it. The log holds a finished job's events too, so a late
 subscriber sees the final ``status``, ``result``/``error`` and ``done``.
+
+A stream the server ends before ``done`` is logged at warning level with the job id
+and the reason (``sse_stream_ended``): the store failing mid-stream ends it cleanly
+(the client reconnects with ``Last-Event-ID``), and so does a client that does not
+read. Memory per stream is bounded without a queue of our own: a stream holds at
+most one read of events (``READ_COUNT`` on redis) and the server's write buffer,
+above whose high-water mark (64 KiB) uvicorn stops pulling events until the client
+takes bytes; a client that takes none for ``SLOW_CLIENT_BEATS`` heartbeat intervals
+is cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any
 
 import structlog
+from anyio import CancelScope, create_task_group
 from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import Receive, Send
 
 from pipeline.model import Job
 from pipeline.ports import JobStore
@@ -21,6 +35,8 @@ from pipeline.vocabulary import TERMINAL_STATUSES, EventType
 RETRY_MS = 2000
 MAX_EVENT_ID = 2**53
 """Above any id a job's log issues (and the largest integer JavaScript keeps exact)."""
+SLOW_CLIENT_BEATS = 2.0
+"""A client that accepts no bytes for this many heartbeat intervals is not reading."""
 log = structlog.get_logger("jobq.sse")
 
 
@@ -34,7 +50,52 @@ def last_event_id(header: str | None, query: str | None) -> int:
     return 0
 
 
-async def job_events(
+class JobEventStream:
+    """The messages of one job's stream, with what the response needs to guard it:
+    the job id for logs and how long a send may wait for the client."""
+
+    def __init__(self, messages: AsyncIterator[ServerSentEventMessage], job_id: str, stall_s: float) -> None:
+        self._messages = messages
+        self.job_id = job_id
+        self.stall_s = stall_s
+
+    def __aiter__(self) -> JobEventStream:
+        return self
+
+    async def __anext__(self) -> ServerSentEventMessage:
+        try:
+            return await self._messages.__anext__()
+        except (StopAsyncIteration, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # any failure ends the stream cleanly; the client resumes
+            log.warning("sse_stream_ended", job_id=self.job_id, reason="error", error=repr(exc))
+            raise StopAsyncIteration from exc
+
+    async def aclose(self) -> None:
+        closing = getattr(self._messages, "aclose", None)
+        if closing is not None:
+            await closing()
+
+
+def job_events(
+    store: JobStore,
+    job_id: str,
+    after: int,
+    *,
+    heartbeat_s: float,
+    window_s: float = 0.0,
+    deltas: bool = True,
+    load_job: Callable[[], Awaitable[Job | None]],
+) -> JobEventStream:
+    """The stream of :func:`_job_events`, ended early by failures and non-reading
+    clients (see the module docstring)."""
+    messages = _job_events(
+        store, job_id, after, heartbeat_s=heartbeat_s, window_s=window_s, deltas=deltas, load_job=load_job
+    )
+    return JobEventStream(messages, job_id, stall_s=heartbeat_s * SLOW_CLIENT_BEATS)
+
+
+async def _job_events(
     store: JobStore,
     job_id: str,
     after: int,
@@ -107,7 +168,59 @@ async def _finished_without_done(
     return not await store.read_events(job_id, after, wait_s=0.5)
 
 
-def sse_response(messages: AsyncIterator[ServerSentEventMessage]) -> ServerSentEvent:
-    return ServerSentEvent(
-        messages, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+def sse_response(messages: JobEventStream) -> ServerSentEvent:
+    return _JobEventResponse(messages, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _JobEventResponse(ServerSentEvent):
+    """Litestar's SSE response, sent by :class:`_GuardedStreamingResponse`."""
+
+    def __init__(self, messages: JobEventStream, headers: dict[str, str]) -> None:
+        super().__init__(messages, headers=headers)
+        self.stream = messages
+
+    def to_asgi_response(self, app: Any, request: Any, **kwargs: Any) -> _GuardedStreamingResponse:
+        base = super().to_asgi_response(app, request, **kwargs)
+        assert isinstance(base, ASGIStreamingResponse)
+        return _GuardedStreamingResponse(base, self.stream)
+
+
+class _GuardedStreamingResponse(ASGIStreamingResponse):
+    """Sends each chunk under a time limit: a client that takes no bytes for the
+    stream's ``stall_s`` (uvicorn waits in ``send`` while its write buffer is above the
+    high-water mark) ends the stream, logged with the job id. The connection is then
+    closed after what is already buffered, so the client sees whole events and
+    resumes after the last one it got."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, base: ASGIStreamingResponse, stream: JobEventStream) -> None:
+        for name in _slots(type(base)):
+            if hasattr(base, name):
+                object.__setattr__(self, name, getattr(base, name))
+        self.stream = stream
+
+    async def send_body(self, send: Send, receive: Receive) -> None:
+        async with create_task_group() as task_group:
+            task_group.start_soon(partial(self._send_guarded, send, task_group.cancel_scope))
+            await self._listen_for_disconnect(cancel_scope=task_group.cancel_scope, receive=receive)
+
+    async def _send_guarded(self, send: Send, scope: CancelScope) -> None:
+        stall_s = self.stream.stall_s
+        try:
+            async for chunk in self.iterator:
+                body = chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding)
+                async with asyncio.timeout(stall_s):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            async with asyncio.timeout(stall_s):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            job_id = self.stream.job_id
+            log.warning("sse_stream_ended", job_id=job_id, reason="client_not_reading", stall_s=stall_s)
+            await self.stream.aclose()
+            scope.cancel()  # stop listening for the disconnect: the response ends here
+
+
+def _slots(cls: type) -> Iterable[str]:
+    for klass in cls.__mro__:
+        yield from getattr(klass, "__slots__", ())

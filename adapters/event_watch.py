@@ -1,0 +1,86 @@
+"""What a process knows of one job's event log while readers wait on it: shared by the
+redis feed (one reader for all jobs) and the S3 feed (one poller per job)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from itertools import islice
+
+from pipeline.model import Event
+
+RING = 64
+"""Latest events kept per watched job; readers further behind read the log themselves."""
+
+ReadNow = Callable[[str, int], Awaitable[list[Event]]]
+"""Read a log after an id without waiting (``(key or job id, after)``)."""
+
+
+class EventWatch:
+    """One job's log as its reader last saw it: ids in ``(base, cursor]`` are in ``ring``,
+    and ``changed`` is set (then replaced) whenever the cursor moves."""
+
+    __slots__ = ("armed", "base", "changed", "cursor", "ring", "used", "waiters")
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor
+        self.base = cursor
+        self.ring: deque[Event] = deque()
+        self.changed = asyncio.Event()
+        self.waiters = 0
+        self.used = time.monotonic()
+        self.armed = False
+        """True while a reader covers this watch: it will see every event after
+        ``cursor`` without a reader of the stream reading the log."""
+
+    def add(self, events: list[Event]) -> None:
+        moved = False
+        for event in events:
+            if event.id <= self.cursor:
+                continue
+            if event.id != self.cursor + 1:  # not contiguous: restart the ring here
+                self.ring.clear()
+                self.base = event.id - 1
+            self.ring.append(event)
+            self.cursor = event.id
+            moved = True
+        while len(self.ring) > RING:
+            self.base = self.ring.popleft().id
+        if moved:
+            changed, self.changed = self.changed, asyncio.Event()
+            changed.set()
+
+    def since(self, after: int) -> list[Event] | None:
+        """Events after ``after`` from the ring; ``None`` when the ring does not cover it."""
+        if after < self.base or after > self.cursor:
+            return None
+        return list(islice(self.ring, after - self.base, None))
+
+    def idle_since(self, before: float) -> bool:
+        return self.waiters == 0 and self.used < before
+
+    async def wait(self, key: str, after: int, wait_s: float, read_now: ReadNow) -> list[Event]:
+        """Events after ``after`` once the watch has them (or the log, when the ring has
+        moved past ``after``), else ``[]`` after ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        self.waiters += 1
+        try:
+            while True:
+                ring = self.since(after)
+                if ring:
+                    return ring
+                if ring is None and self.cursor > after:  # past the ring: read the log
+                    return await read_now(key, after)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                try:
+                    async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel
+                        await self.changed.wait()
+                except TimeoutError:
+                    return []
+        finally:
+            self.waiters -= 1
+            self.used = time.monotonic()
