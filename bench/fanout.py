@@ -216,13 +216,20 @@ class Sampler:
     redis_port: int | None
     conns: int = 0
     rss_peak: int = 0
+    series: list[int] = field(default_factory=list)
+    redis: Any = None
+    clients_peak: int = 0
+    """Every client connected to Redis (CLIENT LIST), web, worker and this bench."""
     task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         while True:
             self.rss_peak = max(self.rss_peak, rss_kib(self.pid))
             if self.redis_port is not None:
-                self.conns = max(self.conns, tcp_to_port(self.pid, self.redis_port))
+                self.series.append(tcp_to_port(self.pid, self.redis_port))
+                self.conns = max(self.conns, self.series[-1])
+            if self.redis is not None:
+                self.clients_peak = max(self.clients_peak, len(await self.redis.client_list()))
             await asyncio.sleep(1.0)
 
     def start(self) -> Sampler:
@@ -315,20 +322,21 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
     }
 
 
-async def jobq_run(n: int, logs: Path, latency_ms: int) -> dict[str, Any]:
+async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None) -> dict[str, Any]:
     from tests.support.redis_server import RedisServer, free_port
 
     server = RedisServer.start(persistent=False)
     port = free_port()
-    env = child_env(server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15")
-    web = Child(
-        f"fanout-web-{n}", [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port)], env, logs
-    )
+    in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
+    env = child_env(server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15", **in_tree)
+    serve = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port)]
+    web = Child(f"fanout-web-{n}", serve, env, logs, cwd=tree or ROOT)
     worker = start_worker(
         server.url,
         PREFIX,
         logs,
         f"fanout-worker-{n}",
+        tree=tree,
         LLM_OFFLINE_LATENCY_MS=str(latency_ms),
         LIVE_DELTAS="0",
         WORKER_CONCURRENCY=str(n + 10),
@@ -339,7 +347,7 @@ async def jobq_run(n: int, logs: Path, latency_ms: int) -> dict[str, Any]:
         await wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/jobs/health"), "jobq serve")
         await probe.start()
         rss_before = rss_kib(web.pid)
-        sampler = Sampler(web.pid, server.port).start()
+        sampler = Sampler(web.pid, server.port, redis=probe.redis).start()
         ids = await submit_jobs(server.url, PREFIX, n)
         cpu_before, began = cpu_s(web.pid), time.monotonic()
         result = await run_client(
@@ -357,6 +365,8 @@ async def jobq_run(n: int, logs: Path, latency_ms: int) -> dict[str, Any]:
             cpu_pct=100 * cpu / wall,
             wall_s=wall,
             web_warnings=_warnings(web.log),
+            conns_series=sampler.series,
+            redis_clients_all=sampler.clients_peak,
         )
         return summary
     finally:
@@ -610,16 +620,18 @@ async def main(args: argparse.Namespace) -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logs = ROOT / "data" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    ns = [100] if args.quick else [int(x) for x in args.ns.split(",")]
+    ns = [int(x) for x in (args.ns or ("100" if args.quick else "500,1000,2000")).split(",")]
     load_before = os.getloadavg()
     meta: dict[str, Any] = {"latency_ms": args.latency_ms, "loop_ms": loop_ms()}
     rows = []
     for n in ns:
-        jobq = await jobq_run(n, logs, args.latency_ms)
+        jobq = await jobq_run(n, logs, args.latency_ms, args.tree)
         print(f"jobq N={n}: {jobq}", flush=True)
         job_s = jobq["wall_s"]
         events = max(1, round(jobq["events"] / max(1, jobq["n"])) - 1)
         meta.update(events=events, job_s=job_s)
+        if args.no_floor:
+            continue
         floor = await floor_run(n, logs, events, job_s / events)
         print(f"floor N={n}: {floor}", flush=True)
         rows.append((n, jobq, floor))
@@ -640,7 +652,7 @@ async def main(args: argparse.Namespace) -> None:
     )
     text = table(rows, aws, meta)
     print(text)
-    if not args.quick:
+    if not (args.quick or args.tree or args.no_floor):
         write_section("fanout", "Streams at scale (`bench/fanout.py`)", text)
 
 
@@ -652,8 +664,10 @@ if __name__ == "__main__":
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--quick", action="store_true")
-        parser.add_argument("--ns", default="500,1000,2000")
+        parser.add_argument("--ns", help="stream counts (default 500,1000,2000; --quick 100)")
         parser.add_argument("--latency-ms", type=int, default=4000)
         parser.add_argument("--no-aws", action="store_true")
+        parser.add_argument("--no-floor", action="store_true")
+        parser.add_argument("--tree", type=Path, help="run jobq serve and worker from this source tree")
         args = parser.parse_args()
         asyncio.run(main(args))

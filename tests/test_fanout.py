@@ -1,0 +1,282 @@
+"""Streams at scale (SPEC §7.2): one shared reader per web process, slow clients cut
+off, a reader that survives a Redis restart, one S3 poller per job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapters.redis_store import RedisStore
+from tests.support.redis_server import RedisServer, redis_backend_env, redis_url, unique_prefix
+from tests.support.service import Service, base_env, running
+
+BODY = {
+    "project_title": "Fanout",
+    "elevator_pitch": "A neighbourhood solar mesh with shared batteries and a local power market.",
+    "language": "en",
+}
+
+
+def redis_connections(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to ``port``, read from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "01" and int(parts[2].rsplit(":", 1)[1], 16) == port and parts[9] in inodes:
+                count += 1
+    return count
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Service]:
+    """``jobq serve`` on the redis backend with no worker: submitted jobs stay queued."""
+    env = {**base_env(), **redis_backend_env(unique_prefix("fan")), "SUBMIT_RATE_PER_MIN": "0"}
+    env["SSE_HEARTBEAT_S"] = "0.5"
+    service = Service(backend="redis", env=env, log_dir=tmp_path)
+    with running(_web_only(service)) as started:
+        yield started
+
+
+def _web_only(service: Service) -> Service:
+    service.workers = 0
+    return service
+
+
+def _submit(service: Service, count: int) -> list[str]:
+    with service.client() as client:
+        ids = []
+        for n in range(count):
+            reply = client.post("/api/jobs", json={**BODY, "project_title": f"Fanout {n} {time.time()}"})
+            assert reply.status_code == 202, reply.text
+            ids.append(reply.json()["jobId"])
+        return ids
+
+
+async def _open_stream(
+    port: int, job_id: str, last_id: int = 0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    extra = f"Last-Event-ID: {last_id}\r\n" if last_id else ""
+    writer.write(f"GET /api/jobs/{job_id}/stream HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return reader, writer
+
+
+async def _events_until_end(reader: asyncio.StreamReader) -> tuple[list[tuple[int, str]], bool]:
+    """(id, type) of every event until the body ends; whether the body ended cleanly
+    (chunked terminator) rather than by the connection closing."""
+    events: list[tuple[int, str]] = []
+    buf = b""
+    while True:
+        size_line = await reader.readline()
+        if not size_line:
+            return events, False
+        size = int(size_line.strip(), 16)
+        if size == 0:
+            return events, True
+        buf += (await reader.readexactly(size + 2))[:-2]
+        while b"\r\n\r\n" in buf:
+            message, _, buf = buf.partition(b"\r\n\r\n")
+            fields = dict(line.split(b": ", 1) for line in message.split(b"\r\n") if b": " in line)
+            if b"event" in fields:
+                events.append((int(fields.get(b"id", b"-1")), fields[b"event"].decode()))
+
+
+def test_open_streams_do_not_add_redis_connections(web: Service) -> None:
+    """300 open streams (some jobs watched by three clients) leave the web process's
+    Redis connections where 10 streams had them, and every stream still gets its
+    job's events up to ``done`` when the jobs are cancelled."""
+    redis_port = int(redis_url().rsplit(":", 1)[1])
+    assert web._web is not None and web._web.popen is not None
+    pid = web._web.popen.pid
+    ids = _submit(web, 150)
+    watched = [*ids, *ids[:100], *ids[:50]]  # jobs 0-49: three streams, 50-99: two, 100-149: one
+
+    async def scenario() -> tuple[int, int, list[list[tuple[int, str]]]]:
+        first = [await _open_stream(web.port, job_id) for job_id in watched[:10]]
+        await asyncio.sleep(1.5)  # a few heartbeats: every stream waiting on the reader
+        few = redis_connections(pid, redis_port)
+        rest = await asyncio.gather(*(_open_stream(web.port, job_id) for job_id in watched[10:]))
+        await asyncio.sleep(1.5)
+        many = redis_connections(pid, redis_port)
+        streams = [*first, *rest]
+        async with httpx.AsyncClient(base_url=web.base_url, timeout=30) as client:
+            for job_id in ids:
+                assert (await client.post(f"/api/jobs/{job_id}/cancel")).status_code == 200
+        results = await asyncio.wait_for(asyncio.gather(*(_events_until_end(r) for r, _ in streams)), 60)
+        for _, writer in streams:
+            writer.close()
+        return few, many, [events for events, _ in results]
+
+    few, many, received = asyncio.run(scenario())
+    assert len(watched) == 300
+    assert many == few, f"{few} Redis connections with 10 streams, {many} with 300"
+    assert many <= 16
+    for events in received:
+        assert events[-1][1] == "done"
+        ids_seen = [event_id for event_id, _ in events]
+        assert ids_seen == list(range(ids_seen[0], ids_seen[0] + len(ids_seen)))
+
+
+def test_client_that_does_not_read_is_cut_off_and_resumes(web: Service) -> None:
+    """A client that stops reading while its job writes megabytes of events is cut
+    off (warning with the job id and reason in the web log) instead of buffered for;
+    it gets whole events up to the cut and resumes with Last-Event-ID, no gap."""
+    job_id = _submit(web, 1)[0]
+    total = 80
+    blob = "x" * 100_000
+
+    async def scenario() -> tuple[list[tuple[int, str]], bool, list[tuple[int, str]]]:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", web.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(f"GET /api/jobs/{job_id}/stream HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        await writer.drain()
+        store = RedisStore.from_url(web.env["REDIS_URL"], prefix=web.env["JOBS_KEY_PREFIX"])
+        try:
+            for n in range(total - 1):
+                await store.append_event(job_id, "note", {"n": n, "blob": blob})
+            await store.append_event(job_id, "done", {"status": "cancelled"})
+        finally:
+            await store.close()
+        deadline = time.monotonic() + 60
+        while "client_not_reading" not in (web.log_dir / "web.log").read_text():
+            assert time.monotonic() < deadline, web.log_tail()
+            await asyncio.sleep(0.2)
+        await reader.readuntil(b"\r\n\r\n")
+        cut, clean = await _events_until_end(reader)
+        writer.close()
+        reader2, writer2 = await _open_stream(web.port, job_id, last_id=cut[-1][0])
+        rest, _ = await _events_until_end(reader2)
+        writer2.close()
+        return cut, clean, rest
+
+    cut, clean, rest = asyncio.run(scenario())
+    assert not clean
+    assert cut and cut[-1][1] != "done"
+    ids_seen = [event_id for event_id, _ in cut + rest]
+    assert ids_seen[-1] == rest[-1][0] and rest[-1][1] == "done"
+    assert ids_seen == list(range(ids_seen[0], ids_seen[-1] + 1))
+    line = next(x for x in (web.log_dir / "web.log").read_text().splitlines() if "client_not_reading" in x)
+    assert "warning" in line and job_id in line
+
+
+def test_reader_survives_redis_restart_without_gap_or_duplicate() -> None:
+    """Readers waiting through the shared reader while Redis restarts (twice) each
+    see every event of their job once, in order, on one reader connection."""
+    server = RedisServer.start(persistent=True)
+
+    async def scenario() -> dict[str, list[int]]:
+        writer = RedisStore.from_url(server.url, prefix="r")
+        reader = RedisStore.from_url(server.url, prefix="r")
+        jobs = [f"job{n}" for n in range(20)]
+        seen: dict[str, list[int]] = {}
+        reads_after_restarts = 0
+
+        async def follow(job_id: str, key: str) -> None:
+            after, ids = 0, []
+            while not ids or ids[-1] < 30:
+                for event in await reader.read_events(job_id, after, wait_s=0.5):
+                    ids.append(event.id)
+                    after = event.id
+            seen[key] = ids
+
+        followers = [asyncio.create_task(follow(j, f"{j}/{c}")) for j in jobs for c in range(2)]
+        await asyncio.sleep(0.5)
+        first_task = reader._events.feed._reader.task
+        try:
+            for n in range(30):
+                for job_id in jobs:
+                    await writer.append_event(job_id, "note", {"n": n})
+                if n in (10, 20):
+                    await asyncio.to_thread(server.restart, 0.5)
+                    reads_after_restarts = reader._events.feed.reads
+                await asyncio.sleep(0.02)
+            await asyncio.wait_for(asyncio.gather(*followers), 60)
+            feed = reader._events.feed
+            # The same reader task delivers after both restarts (not a restarted one).
+            assert first_task is not None and feed._reader.task is first_task and not first_task.done()
+            assert feed.reads > reads_after_restarts
+            assert feed.watched <= len(jobs)
+        finally:
+            for task in followers:
+                task.cancel()
+            await writer.close()
+            await reader.close()
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        server.close()
+    assert len(seen) == 40
+    for key, ids in seen.items():
+        assert ids == list(range(1, 31)), key
+
+
+def test_s3_streams_of_one_job_share_one_poller(aws_env: dict[str, str]) -> None:
+    """Twenty readers waiting on one job of the S3 store share one poller, and all of
+    them get the events appended meanwhile, in order."""
+    from adapters.s3_store import S3Store
+
+    bucket, _, prefix = aws_env["JOBS_STORE_URL"].removeprefix("s3://").partition("/")
+
+    endpoint, region = aws_env["AWS_ENDPOINT_URL"], aws_env["AWS_REGION"]
+
+    async def scenario() -> tuple[int, list[list[int]]]:
+        store = S3Store(bucket, prefix, endpoint_url=endpoint, region=region)
+        writer = S3Store(bucket, prefix, endpoint_url=endpoint, region=region)
+        polling = 0
+
+        async def follow() -> list[int]:
+            after, ids = 0, []
+            while not ids or ids[-1] < 5:
+                for event in await store.read_events("job-s3", after, wait_s=1.0):
+                    ids.append(event.id)
+                    after = event.id
+            return ids
+
+        try:
+            followers = [asyncio.create_task(follow()) for _ in range(20)]
+            await asyncio.sleep(0.5)
+            polling = store._feed.polling
+            for n in range(5):
+                await writer.append_event("job-s3", "note", {"n": n})
+                await asyncio.sleep(0.3)
+            return polling, await asyncio.wait_for(asyncio.gather(*followers), 60)
+        finally:
+            await store.close()
+            await writer.close()
+
+    polling, seen = asyncio.run(scenario())
+    assert polling == 1
+    assert all(ids == [1, 2, 3, 4, 5] for ids in seen)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    from tests.support.moto_server import aws_backend_env
+
+    env = aws_backend_env("fan" + unique_prefix("s").lower())
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, env[name])
+    return env
