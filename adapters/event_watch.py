@@ -11,7 +11,7 @@ from itertools import islice
 
 from pipeline.model import Event
 
-RING = 64
+RING = 16
 """Latest events kept per watched job; readers further behind read the log themselves."""
 
 ReadNow = Callable[[str, int], Awaitable[list[Event]]]

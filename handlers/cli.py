@@ -100,6 +100,10 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=5,
         proxy_headers=True,
+        # Thousands of SSE clients reconnect at once after a deploy; the kernel caps
+        # this at net.core.somaxconn. No limit_concurrency: it would refuse streams.
+        # HTTP: httptools (a dependency) when installed, else h11.
+        backlog=4096,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
@@ -118,6 +119,7 @@ async def _job_events(
     next_beat = started + heartbeat_s
     yield ServerSentEventMessage(data=None, retry=RETRY_MS)
     first = True
+    ended_seen = False
     while True:
         now = loop.time()
         if deadline is not None and now >= deadline:
@@ -141,13 +143,55 @@ async def _job_events(
         first = False
         if loop.time() >= next_beat:
             next_beat = loop.time() + heartbeat_s
-            if not events and await _finished_without_done(store, job_id, after, load_job):
-                # The log lost its tail (expired or never written): close rather than
-                # leave the client waiting forever.
-                log.warning("sse_log_without_done", job_id=job_id, after=after)
-                yield await _done_without_id(load_job)
-                return
+            # The job's status at a heartbeat is loaded once for all its streams here.
+            shared = _shared_loads.loader(job_id, load_job, heartbeat_s / 2)
+            if not events and await _finished_without_done(store, job_id, after, shared):
+                if ended_seen:
+                    # The log lost its tail (expired or never written): close rather
+                    # than leave the client waiting forever. (Two heartbeats in a row: a
+                    # busy worker may write the terminal events a while after the status.)
+                    log.warning("sse_stream_ended", job_id=job_id, reason="log_without_done", after=after)
+                    yield await _done_without_id(load_job)
+                    return
+                ended_seen = True
+            else:
+                ended_seen = False
             yield ServerSentEventMessage(data=None, comment="keep-alive")
+
+
+class _SharedLoads:
+    """Loads of a job at heartbeats, shared by every stream of the job in this process
+    for ``max_age_s`` (on S3 each load is a request; a job watched by many clients
+    costs one per interval, not one per stream). Failures are not kept."""
+
+    def __init__(self) -> None:
+        self._loads: dict[str, tuple[float, asyncio.Future[Job | None]]] = {}
+
+    def loader(
+        self, job_id: str, load_job: Callable[[], Awaitable[Job | None]], max_age_s: float
+    ) -> Callable[[], Awaitable[Job | None]]:
+        async def load() -> Job | None:
+            now = time.monotonic()
+            hit = self._loads.get(job_id)
+            if hit is None or now - hit[0] > max_age_s or hit[1].get_loop() is not asyncio.get_running_loop():
+                if len(self._loads) > SHARED_LOADS_MAX:
+                    self._loads = {k: v for k, v in self._loads.items() if now - v[0] <= max_age_s}
+                future = asyncio.ensure_future(load_job())
+                future.add_done_callback(lambda f: self._forget_failed(job_id, f))
+                hit = self._loads[job_id] = (now, future)
+            return await asyncio.shield(hit[1])
+
+        return load
+
+    def _forget_failed(self, job_id: str, future: asyncio.Future[Job | None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            current = self._loads.get(job_id)
+            if current is not None and current[1] is future:
+                del self._loads[job_id]
+
+
+SHARED_LOADS_MAX = 10_000
+_shared_loads = _SharedLoads()
 
 
 async def _done_without_id(load_job: Callable[[], Awaitable[Job | None]]) -> ServerSentEventMessage:
