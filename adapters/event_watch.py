@@ -11,7 +11,7 @@ from itertools import islice
 
 from pipeline.model import Event
 
-RING = 16
+RING = 4
 """Latest events kept per watched job; readers further behind read the log themselves."""
 
 ReadNow = Callable[[str, int], Awaitable[list[Event]]]

@@ -5,8 +5,10 @@
 - ``commands``: every short command of the job store, the SAQ queue and the rate
   limiter. A refused connection is retried briefly (a Redis restart), a timeout is
   not (a hung Redis should fail the request, not stall it).
-- ``blocking``: commands that park a connection inside Redis, XREAD BLOCK (one per
-  SSE stream) and SAQ's BLMOVE (one per idle worker slot), plus the health check.
+- ``blocking``: commands that park a connection inside Redis, SAQ's BLMOVE (one per
+  idle worker slot), plus the health check. (SSE streams park none: they wait on the
+  process's event feed, whose one reader has a connection of its own, see
+  ``adapters.redis_feed``.)
   One retry: a connection that a Redis restart closed fails at once and is replaced.
 
 The composition root (``handlers.bootstrap``) makes one per Redis URL and hands it
@@ -45,7 +47,7 @@ MAX_CONNECTIONS = 128
 """Per process, for commands; callers beyond it wait for a free connection. Managed
 Redis plans cap connections (Render Key Value starter: a few hundred for all services)."""
 MAX_BLOCKING_CONNECTIONS = 20_000
-"""Per process, for blocking reads: at least the SSE streams plus the worker's slots."""
+"""Per process, for blocking reads: at least the worker's slots."""
 
 _DRIVER_INFO = DriverInfo()
 

@@ -98,7 +98,7 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
     late: list[float] = []
     """Seconds after the stream opened of the events in the slowest 1%."""
     streams = result["streams"]
-    timed: list[tuple[float, float]] = []
+    timed: list[tuple[float, float, float]] = []
     for s in streams:
         job = s["path"].split("/")[3] if write_times is not None else ""
         for event_id, kind, received, sent in s["events"]:
@@ -106,9 +106,11 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
             if written and written >= s["opened"]:
                 lags.append((received - written) * 1000)
                 by_kind[kind].append(lags[-1])
-                timed.append((lags[-1], written - s["opened"]))
+                timed.append((lags[-1], written - s["opened"], written))
+    all_open = max((s["opened"] for s in streams), default=0.0)
+    steady = [lag for lag, since, written in timed if written > all_open + 1.0]
     cut_off = _pct(lags, 0.99)
-    late = sorted(round(since, 1) for lag, since in timed if lag >= cut_off)
+    late = sorted(round(since, 1) for lag, since, _ in timed if lag >= cut_off)
     cuts: dict[str, int] = defaultdict(int)
     for s in streams:
         if not s["done"]:
@@ -122,6 +124,8 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
         "p50": _pct(lags, 0.5),
         "p99": _pct(lags, 0.99),
         "client_cpu_s": result["cpu_s"],
+        "p99_steady": _pct(steady, 0.99),
+        "steady_n": len(steady),
         "p99_by_kind": {kind: round(_pct(v, 0.99)) for kind, v in by_kind.items()},
         "slowest_since_open_s": late[:: max(1, len(late) // 10)],
     }
@@ -135,12 +139,15 @@ async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None
     in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
     env = child_env(server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15", **in_tree)
     serve = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port)]
-    web = Child(f"fanout-web-{n}", serve, env, logs, cwd=tree or ROOT)
+    label = f"{n}" if tree is None else f"{n}-{tree.name}"
+    for old in logs.glob(f"fanout-*-{label}.log"):  # noqa: ASYNC240 - before the run
+        old.unlink()  # Child appends: one run per log
+    web = Child(f"fanout-web-{label}", serve, env, logs, cwd=tree or ROOT)
     worker = start_worker(
         server.url,
         PREFIX,
         logs,
-        f"fanout-worker-{n}",
+        f"fanout-worker-{label}",
         tree=tree,
         LLM_OFFLINE_LATENCY_MS=str(latency_ms),
         LIVE_DELTAS="0",
@@ -161,7 +168,7 @@ async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None
             await asyncio.sleep(SPREAD_S / SUBMIT_BATCHES)
         cpu_before, began = cpu_s(web.pid), time.monotonic()
         result = await run_client(
-            logs, f"fanout-jobq-{n}", port, [f"/api/jobs/{i}/stream" for i in ids], False, 900
+            logs, f"fanout-jobq-{label}", port, [f"/api/jobs/{i}/stream" for i in ids], False, 900
         )
         wall = time.monotonic() - began
         cpu = cpu_s(web.pid) - cpu_before
@@ -388,7 +395,8 @@ def table(
             f"| {idle['jobs']} idle jobs x {idle['streams'] // idle['jobs']} streams, "
             f"{idle['seconds']:.0f} s | {idle['streams']} | - | {idle['counts']} | "
             f"{idle['per_stream_min']:.2f} | {idle['per_job_s']:.2f} |\n"
-            f"| running jobs, one stream each | {run['n']} | {run['done']}/{run['n']} | {run['counts']} | "
+            f"| running jobs ({meta['aws_latency_ms']} ms per call), one stream each | {run['n']} | "
+            f"{run['done']}/{run['n']} | {run['counts']} | "
             f"{run['per_stream_min']:.1f} | - |\n"
         )
     text += (
@@ -413,7 +421,11 @@ async def main(args: argparse.Namespace) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     ns = [int(x) for x in (args.ns or ("100" if args.quick else "500,1000,2000")).split(",")]
     load_before = os.getloadavg()
-    meta: dict[str, Any] = {"latency_ms": args.latency_ms, "loop_ms": loop_ms()}
+    meta: dict[str, Any] = {
+        "latency_ms": args.latency_ms,
+        "aws_latency_ms": args.aws_latency_ms,
+        "loop_ms": loop_ms(),
+    }
     rows: list[tuple[int, str, dict[str, Any]]] = []
     for n in ns:
         jobq = await jobq_run(n, logs, args.latency_ms, args.tree)
@@ -438,7 +450,7 @@ async def main(args: argparse.Namespace) -> None:
             idle_jobs=2 if args.quick else 10,
             per_idle=20,
             idle_s=15 if args.quick else 60,
-            latency_ms=args.latency_ms,
+            latency_ms=args.aws_latency_ms,
         )
         print(f"aws: {aws}", flush=True)
     meta.update(
@@ -458,6 +470,9 @@ if __name__ == "__main__":
     parser.add_argument("--ns", help="stream counts (default 500,1000,2000; --quick 100)")
     parser.add_argument("--latency-ms", type=int, default=4000, help="offline provider time per call")
     parser.add_argument("--no-aws", action="store_true")
+    parser.add_argument(
+        "--aws-latency-ms", type=int, default=500, help="aws run: offline provider time per call"
+    )
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--tree", type=Path, help="run jobq serve and worker from this source tree")
     parser.add_argument("--before", type=Path, help="also run this source tree (e.g. a checkout of main)")
