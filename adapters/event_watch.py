@@ -11,8 +11,11 @@ from itertools import islice
 
 from pipeline.model import Event
 
-RING = 4
-"""Latest events kept per watched job; readers further behind read the log themselves."""
+RING = 32
+"""Most events kept per watched job; readers further behind read the log themselves."""
+RING_AGE_S = 2.0
+"""Events older than this leave the ring: a stream at the head is back for the next
+events within milliseconds, and a parsed event costs kilobytes held per job."""
 
 ReadNow = Callable[[str, int], Awaitable[list[Event]]]
 """Read a log after an id without waiting (``(key or job id, after)``)."""
@@ -22,12 +25,14 @@ class EventWatch:
     """One job's log as its reader last saw it: ids in ``(base, cursor]`` are in ``ring``,
     and ``changed`` is set (then replaced) whenever the cursor moves."""
 
-    __slots__ = ("armed", "base", "changed", "cursor", "ring", "used", "waiters")
+    __slots__ = ("added", "armed", "base", "changed", "cursor", "ring", "used", "waiters")
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
         self.base = cursor
         self.ring: deque[Event] = deque()
+        self.added: deque[float] = deque()
+        """When each event of ``ring`` arrived (monotonic)."""
         self.changed = asyncio.Event()
         self.waiters = 0
         self.used = time.monotonic()
@@ -37,20 +42,28 @@ class EventWatch:
 
     def add(self, events: list[Event]) -> None:
         moved = False
+        now = time.monotonic()
         for event in events:
             if event.id <= self.cursor:
                 continue
             if event.id != self.cursor + 1:  # not contiguous: restart the ring here
                 self.ring.clear()
+                self.added.clear()
                 self.base = event.id - 1
             self.ring.append(event)
+            self.added.append(now)
             self.cursor = event.id
             moved = True
-        while len(self.ring) > RING:
-            self.base = self.ring.popleft().id
+        self.trim(now)
         if moved:
             changed, self.changed = self.changed, asyncio.Event()
             changed.set()
+
+    def trim(self, now: float) -> None:
+        """Drop events beyond ``RING`` or older than ``RING_AGE_S``."""
+        while self.ring and (len(self.ring) > RING or now - self.added[0] > RING_AGE_S):
+            self.base = self.ring.popleft().id
+            self.added.popleft()
 
     def since(self, after: int) -> list[Event] | None:
         """Events after ``after`` from the ring; ``None`` when the ring does not cover it."""

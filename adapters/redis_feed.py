@@ -15,7 +15,8 @@ once). The connections the web process holds are therefore the command pool's fe
   feed appends to a private wake-up stream (``<prefix>:feed:<uuid>``, one entry,
   expires) that the reader always reads too, so Redis answers at once and the
   reader re-arms with the new key set; wake-ups are coalesced (one per re-arm).
-  Watches nobody has waited on for ``LINGER_S`` are dropped at the next re-arm.
+  Watches nobody has waited on for ``LINGER_S`` are dropped at a re-arm (checked once
+  a second), and ring entries older than ``RING_AGE_S``.
 - **Redis restart**: the reader keeps every cursor, reconnects with back-off and
   re-arms; ids are per-job integers carried by the entries, so each watch resumes
   exactly after its cursor (no gap, no duplicate). Waiters keep waiting meanwhile.
@@ -57,6 +58,8 @@ within the time it takes to send what it just got)."""
 COALESCE_S = 0.005
 """Pause after a reply before re-arming, so that a busy process reads many events per
 XREAD instead of paying one XREAD over every watched key per event."""
+PRUNE_S = 1.0
+"""How often the reader drops stale watches and old ring entries (at a re-arm)."""
 WAKE_TTL_S = 3600
 RETRY_MAX_S = 2.0
 
@@ -72,6 +75,7 @@ class _Reader:
         self.wake_pending = False
         self.task: asyncio.Task[None] | None = None
         self.reads = 0
+        self.pruned = 0.0
 
     async def run(self) -> None:
         delay = 0.05
@@ -130,9 +134,15 @@ class _Reader:
             log.error("redis_feed_reader_failed", error=repr(task.exception()))
 
     def _prune(self) -> None:
-        stale = time.monotonic() - LINGER_S
+        now = time.monotonic()
+        if now - self.pruned < PRUNE_S:
+            return
+        self.pruned = now
+        stale = now - LINGER_S
         for key in [k for k, w in self.watches.items() if w.idle_since(stale)]:
             del self.watches[key]
+        for watch in self.watches.values():
+            watch.trim(now)
 
 
 def _pairs(reply: Any) -> list[tuple[Any, Any]]:

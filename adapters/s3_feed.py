@@ -50,6 +50,7 @@ class JobPoller:
         delay = FAST_S
         while True:
             await asyncio.sleep(delay)
+            self.watch.trim(time.monotonic())
             if self.watch.idle_since(time.monotonic() - LINGER_S):
                 self.watch.armed = False
                 return

@@ -443,7 +443,11 @@ async def main(args: argparse.Namespace) -> None:
         print(f"floor N={n}: {floor}", flush=True)
         rows.append((n, "floor", floor))
     aws = None
-    if not args.no_aws:
+    saved = logs / "fanout-aws.json"
+    if args.reuse_aws:
+        aws = json.loads(saved.read_text())
+        print(f"aws (from {saved}): {aws}", flush=True)
+    elif not args.no_aws:
         aws = await aws_run(
             logs,
             streams=20 if args.quick else 200,
@@ -453,6 +457,7 @@ async def main(args: argparse.Namespace) -> None:
             latency_ms=args.aws_latency_ms,
         )
         print(f"aws: {aws}", flush=True)
+        saved.write_text(json.dumps(aws))
     meta.update(
         load_before=" ".join(f"{x:.2f}" for x in load_before),
         load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -470,6 +475,7 @@ if __name__ == "__main__":
     parser.add_argument("--ns", help="stream counts (default 500,1000,2000; --quick 100)")
     parser.add_argument("--latency-ms", type=int, default=4000, help="offline provider time per call")
     parser.add_argument("--no-aws", action="store_true")
+    parser.add_argument("--reuse-aws", action="store_true", help="the aws rows of the last run (its json)")
     parser.add_argument(
         "--aws-latency-ms", type=int, default=500, help="aws run: offline provider time per call"
     )
