@@ -68,7 +68,7 @@ from bench.throughput import (  # noqa: E402 - after sys.path
 SUBMIT_BATCHES = 20
 SPREAD_S = 10.0
 """Jobs are submitted in SUBMIT_BATCHES batches over this long."""
-SETTLE_S = 5.0
+SETTLE_S = 20.0
 """aws idle scenario: streams open during this long before requests are counted."""
 
 
@@ -277,6 +277,8 @@ async def aws_run(
             "per_job_s": total / idle_jobs / idle_s,
             "per_stream_min": total / len(paths) / (idle_s / 60),
         }
+        if streams == 0:
+            return out
         # (a) running jobs, one stream each.
         worker = Child(
             "fanout-aws-worker",
@@ -447,6 +449,11 @@ async def main(args: argparse.Namespace) -> None:
     if args.reuse_aws:
         aws = json.loads(saved.read_text())
         print(f"aws (from {saved}): {aws}", flush=True)
+        if args.aws_idle:
+            idle = await aws_run(logs, 0, 10, 20, 60, args.aws_latency_ms)
+            aws["idle"] = idle["idle"]
+            aws["idle_rerun"] = True
+            print(f"aws idle: {idle}", flush=True)
     elif not args.no_aws:
         aws = await aws_run(
             logs,
@@ -475,6 +482,7 @@ if __name__ == "__main__":
     parser.add_argument("--ns", help="stream counts (default 500,1000,2000; --quick 100)")
     parser.add_argument("--latency-ms", type=int, default=4000, help="offline provider time per call")
     parser.add_argument("--no-aws", action="store_true")
+    parser.add_argument("--aws-idle", action="store_true", help="with --reuse-aws: run the idle part again")
     parser.add_argument("--reuse-aws", action="store_true", help="the aws rows of the last run (its json)")
     parser.add_argument(
         "--aws-latency-ms", type=int, default=500, help="aws run: offline provider time per call"
