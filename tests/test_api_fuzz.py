@@ -5,7 +5,6 @@ against a real ``jobq serve`` over HTTP: no generated request may get a 5xx, and
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,23 +14,14 @@ from hypothesis import HealthCheck, settings
 from handlers.app import create_app
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
-from tests.support.service import Service, base_env
+from tests.support.service import Service, local_service, running
 
 
 @pytest.fixture(scope="module")
 def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir: Path = tmp_path_factory.mktemp("fuzz")
-    env = {
-        **base_env(),
-        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
-        "SUBMIT_RATE_PER_MIN": "0",
-        "LEGACY_WAIT_S": "0",
-    }
-    service = Service(backend="local", env=env, log_dir=workdir)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    workdir = tmp_path_factory.mktemp("fuzz")
+    with running(local_service(workdir, SUBMIT_RATE_PER_MIN="0", LEGACY_WAIT_S="0")) as service:
+        yield service
 
 
 def _openapi() -> dict[str, Any]:

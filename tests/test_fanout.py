@@ -4,7 +4,6 @@ off, a reader that survives a Redis restart, one S3 poller per job."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from adapters.redis_store import RedisStore
+from bench.fanout_parts import tcp_to_port
 from tests.support.redis_server import RedisServer, redis_backend_env, redis_url, unique_prefix
 from tests.support.service import Service, base_env, running
 
@@ -22,25 +22,6 @@ BODY = {
     "elevator_pitch": "A neighbourhood solar mesh with shared batteries and a local power market.",
     "language": "en",
 }
-
-
-def redis_connections(pid: int, port: int) -> int:
-    """Established TCP connections of process ``pid`` to ``port``, read from /proc."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] == "01" and int(parts[2].rsplit(":", 1)[1], 16) == port and parts[9] in inodes:
-                count += 1
-    return count
 
 
 @pytest.fixture
@@ -99,7 +80,7 @@ async def _events_until_end(reader: asyncio.StreamReader) -> tuple[list[tuple[in
                 events.append((int(fields.get(b"id", b"-1")), fields[b"event"].decode()))
 
 
-def test_open_streams_do_not_add_redis_connections(web: Service) -> None:
+def test_open_streams_do_not_add_tcp_to_port(web: Service) -> None:
     """300 open streams (some jobs watched by three clients) leave the web process's
     Redis connections where 10 streams had them, and every stream still gets its
     job's events up to ``done`` when the jobs are cancelled."""
@@ -112,10 +93,10 @@ def test_open_streams_do_not_add_redis_connections(web: Service) -> None:
     async def scenario() -> tuple[int, int, list[list[tuple[int, str]]]]:
         first = [await _open_stream(web.port, job_id) for job_id in watched[:10]]
         await asyncio.sleep(1.5)  # a few heartbeats: every stream waiting on the reader
-        few = redis_connections(pid, redis_port)
+        few = tcp_to_port(pid, redis_port)
         rest = await asyncio.gather(*(_open_stream(web.port, job_id) for job_id in watched[10:]))
         await asyncio.sleep(1.5)
-        many = redis_connections(pid, redis_port)
+        many = tcp_to_port(pid, redis_port)
         streams = [*first, *rest]
         async with httpx.AsyncClient(base_url=web.base_url, timeout=30) as client:
             for job_id in ids:

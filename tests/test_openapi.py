@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -27,7 +26,7 @@ from handlers.app import create_app
 from handlers.bootstrap import bootstrap
 from handlers.settings import Settings
 from tests.contract.helpers import body, submit, wait_for
-from tests.support.service import Service, base_env
+from tests.support.service import Service, local_service, running
 
 NAMED = ("JobRequest", "Job", "Progress", "Artifact", "ArtifactData", "Trace", "Error")
 EVENT_SCHEMAS = {
@@ -122,18 +121,9 @@ def test_stream_events_are_documented() -> None:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    workdir: Path = tmp_path_factory.mktemp("openapi")
-    env = {
-        **base_env(),
-        "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}",
-        "SUBMIT_RATE_PER_MIN": "0",
-        "LEGACY_WAIT_S": "0",
-    }
-    service = Service(backend="local", env=env, log_dir=workdir)
-    try:
-        yield service.start()
-    finally:
-        service.stop()
+    workdir = tmp_path_factory.mktemp("openapi")
+    with running(local_service(workdir, SUBMIT_RATE_PER_MIN="0", LEGACY_WAIT_S="0")) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

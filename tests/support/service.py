@@ -236,6 +236,12 @@ class Service:
         return "\n".join(parts)
 
 
+def local_service(workdir: Path, **env: str) -> Service:
+    """A local-backend deployment (not started) on its own SQLite file in ``workdir``."""
+    full = {**base_env(), "JOBS_STORE_URL": f"sqlite:///{workdir / 'jobs.db'}", **env}
+    return Service(backend="local", env=full, log_dir=workdir)
+
+
 @contextlib.contextmanager
 def running(service: Service) -> Iterator[Service]:
     service.start()
