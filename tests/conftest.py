@@ -15,12 +15,14 @@ import importlib.util
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from adapters.sqlite_store import SqliteStore
+from handlers.bootstrap import Container, bootstrap
+from handlers.settings import Settings
 from tests.support.service import Service, base_env
 
 ALL_BACKENDS = ("local", "redis", "aws")
@@ -155,6 +157,23 @@ def service_factory(backend: str, tmp_path: Path, request: pytest.FixtureRequest
     finally:
         for service in built:
             service.stop()
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[[dict[str, str]], Awaitable[Container]]]:
+    """``start(env) -> Container``: an opened container of ``env`` (its store in memory
+    unless ``env`` says otherwise), closed after the test."""
+    containers: list[Container] = []
+
+    async def start(env: dict[str, str]) -> Container:
+        container = bootstrap(Settings.from_env({"JOBS_STORE_URL": "memory://", **env}))
+        await container.open()
+        containers.append(container)
+        return container
+
+    yield start
+    for container in containers:
+        await container.close()
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from adapters.sqlite_store import SqliteStore
-from handlers.bootstrap import Container, bootstrap
+from handlers.bootstrap import Container
 from handlers.settings import Settings, SettingsError
 from pipeline.budget import JobBudget, job_counter, tenant_counter, to_micro, utc_day, worst_case
 from pipeline.graph import LLM_STEPS
@@ -41,25 +41,17 @@ def fake() -> Iterator[FakeLLMServer]:
 
 
 @pytest.fixture
-async def start(fake: FakeLLMServer) -> AsyncIterator[Start]:
-    containers: list[Container] = []
-
+def start(fake: FakeLLMServer, started: Callable[[dict[str, str]], Awaitable[Container]]) -> Start:
     async def start(**extra: str) -> Container:
         env = {
-            "JOBS_STORE_URL": "memory://",
             "LLM_PROVIDER": "openai",
             "OPENAI_API_KEY": "sk-test",
             "OPENAI_BASE_URL": fake.openai_base_url,
             "LLM_PRICES": f"{MODEL}:{PRICE[0]}:{PRICE[1]}",
         }
-        container = bootstrap(Settings.from_env(env | extra))
-        await container.open()
-        containers.append(container)
-        return container
+        return await started(env | extra)
 
-    yield start
-    for container in containers:
-        await container.close()
+    return start
 
 
 def server_cost(fake: FakeLLMServer) -> float:

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from adapters.sqlite_store import SqliteStore
-from handlers.bootstrap import Container, bootstrap, pipeline_config
+from handlers.bootstrap import pipeline_config
 from handlers.settings import Settings, SettingsError
 from pipeline.context_guard import (
     DEFAULT_CONTEXT_WINDOW,
@@ -277,21 +277,6 @@ async def test_a_repair_that_would_not_fit_fails_with_llm_context_overflow(store
 
 
 # -- whole jobs ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[Callable[[dict[str, str]], Awaitable[Container]]]:
-    containers: list[Container] = []
-
-    async def start(env: dict[str, str]) -> Container:
-        container = bootstrap(Settings.from_env({"JOBS_STORE_URL": "memory://", **env}))
-        await container.open()
-        containers.append(container)
-        return container
-
-    yield start
-    for container in containers:
-        await container.close()
 
 
 async def test_offline_job_with_a_small_market_window_trims_and_completes(started: Any) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
 
-from handlers.bootstrap import Container, bootstrap
-from handlers.settings import Settings
+from handlers.bootstrap import Container
 from pipeline.graph import LLM_STEPS
 from tests.support.fake_llm import FakeLLMServer, fake_anthropic_server, fake_openai_server
 
@@ -40,21 +39,6 @@ def provider_fake(request: pytest.FixtureRequest) -> Iterator[tuple[str, FakeLLM
     factory: ServerFactory = fake_openai_server if request.param == "openai" else fake_anthropic_server
     with factory() as fake:
         yield request.param, fake
-
-
-@pytest.fixture
-async def started() -> AsyncIterator[Callable[[dict[str, str]], Awaitable[Container]]]:
-    containers: list[Container] = []
-
-    async def start(env: dict[str, str]) -> Container:
-        container = bootstrap(Settings.from_env(env))
-        await container.open()
-        containers.append(container)
-        return container
-
-    yield start
-    for container in containers:
-        await container.close()
 
 
 async def _run(container: Container, body: dict[str, Any] | None = None, wait_s: float = 60) -> Any:
