@@ -118,6 +118,7 @@ async def _job_events(
     deadline = started + window_s if window_s > 0 else None
     next_beat = started + heartbeat_s
     yield ServerSentEventMessage(data=None, retry=RETRY_MS)
+    load_status = partial(_status_of, load_job)
     first = True
     ended_seen = False
     while True:
@@ -126,32 +127,37 @@ async def _job_events(
             return
         # The first read does not wait: a reconnect after ``done`` has nothing to wait for.
         wait = 0.0 if first else max(0.0, min(next_beat, deadline or next_beat) - now)
-        events = await store.read_events(job_id, after, wait_s=wait)
-        for event in events:
+        got_events = False
+        # No name holds the read's list while the stream waits for the next one: a
+        # stream's replay, parsed, would otherwise stay in memory for as long as it is open.
+        for event in await store.read_events(job_id, after, wait_s=wait):
+            got_events = True
             if event.id <= after:
                 continue
             after = event.id
             if not deltas and event.type == EventType.DELTA:
                 continue
-            yield ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
-            if event.type == EventType.DONE:
+            message = ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
+            del event
+            yield message
+            if message.event == EventType.DONE:
                 return
-        if first and not events and await _finished_without_done(store, job_id, after, load_job):
+        if first and not got_events and await _finished_without_done(store, job_id, after, load_status):
             # A client that saw ``done`` and reconnected anyway: tell it again, at once.
-            yield await _done_without_id(load_job)
+            yield await _done_without_id(load_status)
             return
         first = False
         if loop.time() >= next_beat:
             next_beat = loop.time() + heartbeat_s
             # The job's status at a heartbeat is loaded once for all its streams here.
             shared = _shared_loads.loader(job_id, load_job, heartbeat_s / 2)
-            if not events and await _finished_without_done(store, job_id, after, shared):
+            if not got_events and await _finished_without_done(store, job_id, after, shared):
                 if ended_seen:
                     # The log lost its tail (expired or never written): close rather
                     # than leave the client waiting forever. (Two heartbeats in a row: a
                     # busy worker may write the terminal events a while after the status.)
                     log.warning("sse_stream_ended", job_id=job_id, reason="log_without_done", after=after)
-                    yield await _done_without_id(load_job)
+                    yield await _done_without_id(load_status)
                     return
                 ended_seen = True
             else:
@@ -160,30 +166,32 @@ async def _job_events(
 
 
 class _SharedLoads:
-    """Loads of a job at heartbeats, shared by every stream of the job in this process
-    for ``max_age_s`` (on S3 each load is a request; a job watched by many clients
-    costs one per interval, not one per stream). Failures are not kept."""
+    """A job's status at heartbeats, loaded once for every stream of the job in this
+    process for ``max_age_s`` (on S3 each load is a request; a job watched by many
+    clients costs one per interval, not one per stream). Only the status is kept, not
+    the loaded job: one cached job per watched job would cost each stream kilobytes.
+    Failures are not kept."""
 
     def __init__(self) -> None:
-        self._loads: dict[str, tuple[float, asyncio.Future[Job | None]]] = {}
+        self._loads: dict[str, tuple[float, asyncio.Future[str | None]]] = {}
 
     def loader(
         self, job_id: str, load_job: Callable[[], Awaitable[Job | None]], max_age_s: float
-    ) -> Callable[[], Awaitable[Job | None]]:
-        async def load() -> Job | None:
+    ) -> Callable[[], Awaitable[str | None]]:
+        async def load() -> str | None:
             now = time.monotonic()
             hit = self._loads.get(job_id)
             if hit is None or now - hit[0] > max_age_s or hit[1].get_loop() is not asyncio.get_running_loop():
                 if len(self._loads) > SHARED_LOADS_MAX:
                     self._loads = {k: v for k, v in self._loads.items() if now - v[0] <= max_age_s}
-                future = asyncio.ensure_future(load_job())
+                future = asyncio.ensure_future(_status_of(load_job))
                 future.add_done_callback(lambda f: self._forget_failed(job_id, f))
                 hit = self._loads[job_id] = (now, future)
             return await asyncio.shield(hit[1])
 
         return load
 
-    def _forget_failed(self, job_id: str, future: asyncio.Future[Job | None]) -> None:
+    def _forget_failed(self, job_id: str, future: asyncio.Future[str | None]) -> None:
         if future.cancelled() or future.exception() is not None:
             current = self._loads.get(job_id)
             if current is not None and current[1] is future:
@@ -194,19 +202,22 @@ SHARED_LOADS_MAX = 10_000
 _shared_loads = _SharedLoads()
 
 
-async def _done_without_id(load_job: Callable[[], Awaitable[Job | None]]) -> ServerSentEventMessage:
-    """A closing ``done`` with no id: the client's last id stays the one to resume after."""
+async def _status_of(load_job: Callable[[], Awaitable[Job | None]]) -> str | None:
     job = await load_job()
-    return ServerSentEventMessage(
-        event=EventType.DONE, data=json.dumps({"status": job.status if job else "unknown"})
-    )
+    return job.status if job is not None else None
+
+
+async def _done_without_id(load_status: Callable[[], Awaitable[str | None]]) -> ServerSentEventMessage:
+    """A closing ``done`` with no id: the client's last id stays the one to resume after."""
+    status = await load_status()
+    return ServerSentEventMessage(event=EventType.DONE, data=json.dumps({"status": status or "unknown"}))
 
 
 async def _finished_without_done(
-    store: JobStore, job_id: str, after: int, load_job: Callable[[], Awaitable[Job | None]]
+    store: JobStore, job_id: str, after: int, load_status: Callable[[], Awaitable[str | None]]
 ) -> bool:
-    job = await load_job()
-    if job is None or job.status not in TERMINAL_STATUSES:
+    status = await load_status()
+    if status not in TERMINAL_STATUSES:
         return False
     # The terminal events are written right after the status; give them one more look.
     return not await store.read_events(job_id, after, wait_s=0.5)
