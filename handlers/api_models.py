@@ -169,19 +169,10 @@ class JobSummary(Struct, kw_only=True):
     error: JobError | None
 
 
-class Job(Struct, kw_only=True):
+class Job(JobSummary, kw_only=True):
     """``GET /api/jobs/{jobId}``; ``result`` only when completed, ``error`` only when failed
     or cancelled."""
 
-    jobId: str
-    status: StatusName
-    progress: Progress
-    steps: Annotated[dict[str, StepStateName], _doc("Step name -> state")]
-    createdAt: Annotated[str | None, _doc("ISO-8601")]
-    startedAt: str | None
-    completedAt: str | None
-    attempts: int
-    error: JobError | None
     artifacts: Annotated[dict[str, ArtifactSummary], _doc("Artifact name -> metadata")]
     streamUrl: str
     result: JobResult | UnsetType = UNSET

@@ -21,7 +21,7 @@ from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
 from handlers.settings import Settings
-from handlers.stream_tokens import StreamTokens
+from handlers.stream_tokens import StreamTokens, stream_url
 from pipeline.vocabulary import DEFAULT_TENANT
 
 
@@ -71,6 +71,11 @@ def stream_tokens(settings: Settings) -> StreamTokens | None:
     if not (settings.auth_required and secret):
         return None
     return StreamTokens(secret.encode(), settings.stream_token_ttl_s)
+
+
+def job_stream_url(settings: Settings, job_id: str, tenant: str) -> str:
+    """The job's ``streamUrl`` for ``tenant``: with a token when ``API_KEYS`` is set."""
+    return stream_url(stream_tokens(settings), job_id, tenant)
 
 
 def resolve_stream_tenant(

@@ -13,9 +13,8 @@ from litestar.response import ServerSentEvent
 
 from handlers import api_models as m
 from handlers import http_common as h
-from handlers.auth import read_scope, resolve_stream_tenant, stream_tokens
+from handlers.auth import job_stream_url, read_scope, resolve_stream_tenant
 from handlers.sse import job_events, last_event_id, sse_response
-from handlers.stream_tokens import stream_url
 from handlers.strict_body import StrictBody
 from pipeline.dossier_markdown import render_markdown, slug
 from pipeline.vocabulary import TERMINAL_STATUSES
@@ -47,12 +46,12 @@ async def create_job(
     idempotency_key: h.IdempotencyKeyHeader = None,
 ) -> Response[JSONDict]:
     """Accept a job at once; the worker runs it. Same ``Idempotency-Key`` -> same job."""
-    caller, _ = h.submitter(request)
-    job, created = await container.service.submit(msgspec.structs.asdict(data), caller, idempotency_key)
+    caller, key = h.submitter(request)
+    job, created = await container.service.submit(msgspec.structs.asdict(data), caller, key)
     if created:
         metrics.submitted.labels(endpoint="jobs").inc()
     message = "job accepted" if created else "job already exists for this Idempotency-Key"
-    stream = stream_url(stream_tokens(container.settings), job.id, caller)
+    stream = job_stream_url(container.settings, job.id, caller)
     return Response(
         {"jobId": job.id, "status": job.status, "message": message, "streamUrl": stream},
         status_code=202,
@@ -101,7 +100,7 @@ async def get_job(
     view = await container.service.view(job_id, read_scope(container.settings, caller))
     if view is None:
         raise NotFoundException("job not found")
-    view["streamUrl"] = stream_url(stream_tokens(container.settings), job_id, caller)
+    view["streamUrl"] = job_stream_url(container.settings, job_id, caller)
     return view
 
 

@@ -14,11 +14,10 @@ from litestar.params import JSONBody
 
 from handlers import api_models as m
 from handlers import http_common as h
-from handlers.auth import require_operator, stream_tokens
+from handlers.auth import job_stream_url, require_operator
 from handlers.bootstrap import Container
 from handlers.metrics import Metrics
 from handlers.routes_jobs import job_location
-from handlers.stream_tokens import stream_url
 from handlers.strict_body import StrictBody
 from pipeline.model import Job
 from pipeline.routing import effective_config
@@ -155,7 +154,7 @@ async def _legacy(
         metrics.submitted.labels(endpoint=endpoint).inc()
     if c.settings.legacy_wait_s > 0 and job.status not in TERMINAL_STATUSES:
         job = await c.service.wait_finished(job.id, c.settings.legacy_wait_s) or job
-    return legacy_response(job, stream_url(stream_tokens(c.settings), job.id, caller))
+    return legacy_response(job, job_stream_url(c.settings, job.id, caller))
 
 
 def legacy_response(job: Job, stream: str) -> Response[JSONDict]:
