@@ -1,4 +1,4 @@
-"""The redis store's event log: one Redis stream per job; waiting reads share one reader."""
+"""The redis store's event log: one Redis stream per job; waiting reads share one subscriber."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from pipeline.model import JSON, Event
 
 class RedisEventLog:
     """Event n of a job is entry ``<n>-0`` of its stream; a counter key hands out n, so
-    ids are consecutive across writers. A read that finds nothing and may wait goes to
-    the process's :class:`~adapters.redis_feed.RedisEventFeed`: one XREAD BLOCK over
-    every stream being waited on, on one connection, instead of one per reader."""
+    ids are consecutive across writers, and each append is also published on a channel
+    named after the stream. A read that finds nothing and may wait goes to the
+    process's :class:`~adapters.redis_feed.RedisEventFeed`: one connection subscribed
+    to every stream being waited on, instead of one blocking read per reader."""
 
     def __init__(
         self, clients: RedisClients, keys: RedisKeys, ttl_s: int, auto: AutoPipeline | None = None
@@ -27,7 +28,7 @@ class RedisEventLog:
         self._keys = keys
         self.ttl_s = ttl_s
         self._append_script = self._redis.register_script(lua_script("store_append_event"))
-        self.feed = RedisEventFeed(clients.url, keys.prefix, self._read_now, self._wake)
+        self.feed = RedisEventFeed(clients.url, self._read_now)
 
     def _stream(self, job_id: str) -> str:
         return self._keys.key(EVENTS_KEY, job_id)
@@ -48,11 +49,6 @@ class RedisEventLog:
         """A non-blocking XREAD, batched with whatever else this turn sends."""
         reply: Any = await self._auto.submit("XREAD", "COUNT", READ_COUNT, "STREAMS", key, f"{after}-0")
         return parse_stream(reply)
-
-    async def _wake(self, key: str, ttl_s: int) -> None:
-        """One entry on the feed's private wake-up stream (its reader returns at once)."""
-        await self._auto.submit("XADD", key, "MAXLEN", "1", "*", "w", "1")
-        await self._auto.submit("EXPIRE", key, ttl_s)
 
     async def aclose(self) -> None:
         await self.feed.aclose()

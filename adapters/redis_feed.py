@@ -1,179 +1,239 @@
-"""One reader per process for every job stream being waited on (SPEC §7.2).
+"""One subscriber per process for every job stream being waited on (SPEC §7.2).
 
-A waiting ``read_events`` does not park a connection of its own inside Redis. It
-registers the job's stream with the process's :class:`RedisEventFeed`, whose single
-reader task blocks in one ``XREAD BLOCK`` over all watched streams at once and hands
-what it reads to every reader of that job (a job watched by many clients is read
+Every script that appends to a job's event stream also PUBLISHes the event on a
+channel named after the stream's key (``<n> <type> <data JSON>``). A waiting
+``read_events`` does not park a connection of its own inside Redis: it registers
+the job's stream with the process's :class:`RedisEventFeed`, whose single
+subscriber connection is SUBSCRIBEd to every watched stream's channel and hands
+each event to every reader of that job (a job watched by many clients is received
 once). The connections the web process holds are therefore the command pool's few
-(auto-pipelined) plus this reader's one, whatever the number of open streams.
+(auto-pipelined) plus this subscriber's one, whatever the number of open streams,
+and an event costs Redis one PUBLISH, not a re-armed read over every watched key.
 
-- **Watch**: per stream key, the reader's cursor (the last event id it read) and a
-  short ring of the latest events. A reader at the head of the ring waits on the
-  watch; one further behind than the ring reads the log itself (a non-blocking
-  XREAD through the auto-pipeline), so a slow reader costs no memory here.
-- **Re-arming**: a new watch must join the ``XREAD`` that is already blocked. The
-  feed appends to a private wake-up stream (``<prefix>:feed:<uuid>``, one entry,
-  expires) that the reader always reads too, so Redis answers at once and the
-  reader re-arms with the new key set; wake-ups are coalesced (one per re-arm).
-  Watches nobody has waited on for ``LINGER_S`` are dropped at a re-arm (checked once
-  a second), and ring entries older than ``RING_AGE_S``.
-- **Redis restart**: the reader keeps every cursor, reconnects with back-off and
-  re-arms; ids are per-job integers carried by the entries, so each watch resumes
-  exactly after its cursor (no gap, no duplicate). Waiters keep waiting meanwhile.
-- **Cluster (later)**: a cluster refuses one XREAD over keys in different slots.
-  ``_Reader`` owns a key set and one connection; the feed asks ``_reader_for(key)``
-  which reader a key belongs to. Today that is always the one reader; on a cluster
-  it would be one reader per node (keys grouped by their slot's node, re-grouped
-  on MOVED), each with a wake-up key hash-tagged to a slot of its node.
+- **Watch**: per stream key, the last event id received (the cursor) and a short
+  ring of the latest events. A reader at the head of the ring waits on the watch;
+  one further behind than the ring reads the log itself (a non-blocking XREAD
+  through the auto-pipeline), so a slow reader costs no memory here.
+- **No gap**: events written between a reader's last read and Redis confirming the
+  subscription would be missed by the channel, so each confirmation is followed by
+  a read of the log after the watch's cursor. A waiting read that times out reads
+  the log once more, so even a writer that does not publish (an older worker during
+  a rolling deploy) is seen at every heartbeat.
+- **Pruning**: watches nobody has waited on for ``LINGER_S`` are unsubscribed and
+  dropped (checked once a second), and ring entries older than ``RING_AGE_S``.
+- **Redis restart or a silent connection** (no answer to PING for ``DEAD_S``): the
+  subscriber keeps every cursor, reconnects with back-off, subscribes again and
+  reads each log after its cursor; ids are per-job integers carried by the entries,
+  so each watch resumes exactly after its cursor (no gap, no duplicate). Waiters
+  keep waiting meanwhile.
+- **Cluster (later)**: a cluster broadcasts PUBLISH to every node; its sharded
+  form (SPUBLISH/SSUBSCRIBE, Redis 7) keeps a channel on the node of its slot, and
+  the channel here is the stream's own key, so it shares the stream's slot.
+  ``_Subscriber`` owns a key set and one connection; the feed asks
+  ``_reader_for(key)`` which subscriber a key belongs to. Today that is always the
+  one; on a cluster it would be one per node (keys grouped by their slot's node,
+  re-grouped on MOVED).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.event_watch import EventWatch, ReadNow
-from adapters.redis_clients import OP_TIMEOUT_S
-from adapters.redis_codec import parse_stream, text
 from pipeline.model import Event
 
 log = structlog.get_logger("jobq.redis_feed")
 
-BLOCK_MS = 10_000
-"""Longest one XREAD of the reader blocks; it re-arms sooner when the key set changes."""
 READ_COUNT = 256
-"""Entries per stream per XREAD (a job with more waiting gets them on the next read)."""
+"""Entries per XREAD of one log (a reader with more to catch up reads again)."""
 LINGER_S = 5.0
 """A watch nobody waited on for this long is dropped (an SSE stream comes back to wait
 within the time it takes to send what it just got)."""
-COALESCE_S = 0.005
-"""Pause after a reply before re-arming, so that a busy process reads many events per
-XREAD instead of paying one XREAD over every watched key per event."""
 PRUNE_S = 1.0
-"""How often the reader drops stale watches and old ring entries (at a re-arm)."""
-WAKE_TTL_S = 3600
+"""How often the subscriber drops stale watches and old ring entries."""
+PING_S = 5.0
+"""A quiet subscriber PINGs Redis this often."""
+DEAD_S = 15.0
+"""A subscriber that heard nothing (not even a PONG) for this long reconnects."""
+SUBSCRIBE_BATCH = 1000
+"""Channels per SUBSCRIBE when a reconnect subscribes every watch again."""
 RETRY_MAX_S = 2.0
 
 
-class _Reader:
-    """One connection and one task: XREAD BLOCK over a set of watched keys."""
+class _Silent(Exception):
+    """The subscriber's connection stopped answering."""
 
-    def __init__(self, client: aioredis.Redis, wake_key: str, watches: dict[str, EventWatch]) -> None:
+
+def published_event(data: bytes) -> Event:
+    """An event as the store's scripts publish it: ``<n> <type> <data JSON>``."""
+    number, type, payload = data.split(b" ", 2)
+    return Event(int(number), type.decode(), json.loads(payload))
+
+
+class _Subscriber:
+    """One connection in subscribe mode and one task reading it."""
+
+    def __init__(self, client: aioredis.Redis, watches: dict[str, EventWatch], read_now: ReadNow) -> None:
         self.client = client
-        self.wake_key = wake_key
-        self.wake_cursor = b"0-0"
         self.watches = watches
-        self.wake_pending = False
+        self.read_now = read_now
+        self.conn: AbstractConnection | None = None
+        self.live = False
+        """Connected and subscribed: a new watch may SUBSCRIBE on its own."""
+        self.pending: set[str] = set()
         self.task: asyncio.Task[None] | None = None
         self.reads = 0
+        self.heard = 0.0
+        self.pinged = 0.0
         self.pruned = 0.0
+        self._catching_up: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         delay = 0.05
         down_since: float | None = None
         while True:
-            self.wake_pending = False
-            self._prune()
-            keys = list(self.watches)
-            args: list[Any] = ["XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS"]
-            args += [self.wake_key, *keys, self.wake_cursor]
-            args += [f"{self.watches[key].cursor}-0" for key in keys]
-            for key in keys:
-                self.watches[key].armed = True
             try:
-                async with asyncio.timeout(BLOCK_MS / 1000 + OP_TIMEOUT_S):
-                    # redis-py leaves execute_command untyped
-                    reply = await self.client.execute_command(*args)  # type: ignore[no-untyped-call]
-            except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                await self._connect()
+                if down_since is not None:
+                    down_s = round(time.monotonic() - down_since, 2)
+                    log.warning("redis_feed_reconnected", down_s=down_s, watched=len(self.watches))
+                    down_since = None
+                delay = 0.05
+                await self._listen()
+            except (_Silent, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.live = False
                 for watch in self.watches.values():
                     watch.armed = False
                 if down_since is None:
                     down_since = time.monotonic()
                     error = str(exc) or type(exc).__name__
-                    log.warning("redis_feed_reconnecting", error=error, watched=len(keys))
-                with contextlib.suppress(Exception):
-                    await self.client.connection_pool.disconnect()
+                    log.warning("redis_feed_reconnecting", error=error, watched=len(self.watches))
+                if self.conn is not None:
+                    with contextlib.suppress(Exception):
+                        await self.conn.disconnect()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            if down_since is not None:
-                down_s = round(time.monotonic() - down_since, 2)
-                log.warning("redis_feed_reconnected", down_s=down_s, watched=len(keys))
-                down_since = None
-            delay = 0.05
-            self.reads += 1
-            self._deliver(reply)
-            if reply and not self.wake_pending:
-                await asyncio.sleep(COALESCE_S)
 
-    def _deliver(self, reply: Any) -> None:
-        for raw_key, entries in _pairs(reply):
-            key = text(raw_key)
-            if key == self.wake_key:
-                if entries:
-                    self.wake_cursor = entries[-1][0]
-                continue
+    async def _connect(self) -> None:
+        if self.conn is None:
+            self.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        await self.conn.connect()
+        self.heard = self.pinged = time.monotonic()
+        # Live before the key set is taken: a watch added while the SUBSCRIBEs below are
+        # sent subscribes on its own, so none falls between the two.
+        self.live = True
+        self.pending.clear()
+        keys = list(self.watches)
+        for start in range(0, len(keys), SUBSCRIBE_BATCH):
+            await self._send("SUBSCRIBE", *keys[start : start + SUBSCRIBE_BATCH])
+
+    async def _send(self, *args: str) -> None:
+        assert self.conn is not None
+        await self.conn.send_command(*args, check_health=False)
+
+    async def _listen(self) -> None:
+        assert self.conn is not None
+        while True:
+            # push_request: over RESP3, what a subscription receives comes as pushes.
+            reply = await self.conn.read_response(
+                timeout=PRUNE_S, disconnect_on_error=False, push_request=True
+            )
+            now = time.monotonic()
+            if reply is not None:
+                self.heard = now
+                self._handle(reply)
+            elif now - self.heard >= DEAD_S:
+                raise _Silent(f"no reply from Redis for {DEAD_S:.0f} s")
+            if now - self.heard >= PING_S and now - self.pinged >= PING_S:
+                self.pinged = now
+                await self._send("PING")
+            if now - self.pruned >= PRUNE_S:
+                self.pruned = now
+                await self._prune(now)
+
+    def _handle(self, reply: Any) -> None:
+        kind, channel = reply[0], reply[1]
+        if kind == b"message":
+            watch = self.watches.get(channel.decode())
+            if watch is not None:
+                self.reads += 1
+                watch.add([published_event(reply[2])])
+        elif kind == b"subscribe":
+            key = channel.decode()
             watch = self.watches.get(key)
-            if watch is not None and entries:
-                watch.add(parse_stream([(raw_key, entries)]))
+            if watch is not None and not watch.armed:
+                watch.armed = True
+                catching_up = asyncio.ensure_future(self._catch_up(key, watch))
+                self._catching_up.add(catching_up)
+                catching_up.add_done_callback(self._catching_up.discard)
+
+    async def _catch_up(self, key: str, watch: EventWatch) -> None:
+        """Whatever the log got before the subscription took effect."""
+        try:
+            events = await self.read_now(key, watch.cursor)
+        except Exception as exc:  # a waiter's timed-out read covers what this misses
+            log.warning("redis_feed_catch_up_failed", key=key, error=repr(exc))
+            return
+        if events:
+            watch.add(events)
+
+    def subscribe(self, key: str) -> None:
+        """SUBSCRIBE ``key`` soon (one command for every key added in this turn)."""
+        if not self.live:
+            return  # the reconnect subscribes every watch
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.pending.add(key)
+
+    def _flush(self) -> None:
+        keys = [key for key in self.pending if key in self.watches]
+        self.pending.clear()
+        if keys and self.live:
+            sending = asyncio.ensure_future(self._send("SUBSCRIBE", *keys))
+            # A failed send breaks the connection; the reconnect subscribes every watch.
+            sending.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _prune(self, now: float) -> None:
+        stale_before = now - LINGER_S
+        stale = [key for key, watch in self.watches.items() if watch.idle_since(stale_before)]
+        for key in stale:
+            del self.watches[key]
+        for watch in self.watches.values():
+            watch.trim(now)
+        if stale:
+            await self._send("UNSUBSCRIBE", *stale)
 
     def ended(self, task: asyncio.Task[None]) -> None:
         """The task ended (closed, or a bug): no watch is covered until it runs again."""
+        self.live = False
         for watch in self.watches.values():
             watch.armed = False
         if not task.cancelled() and task.exception() is not None:
             log.error("redis_feed_reader_failed", error=repr(task.exception()))
 
-    def _prune(self) -> None:
-        now = time.monotonic()
-        if now - self.pruned < PRUNE_S:
-            return
-        self.pruned = now
-        stale = now - LINGER_S
-        for key in [k for k, w in self.watches.items() if w.idle_since(stale)]:
-            del self.watches[key]
-        for watch in self.watches.values():
-            watch.trim(now)
-
-
-def _pairs(reply: Any) -> list[tuple[Any, Any]]:
-    """XREAD's reply as (key, entries) pairs: RESP2 gives a list, RESP3 a map."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return list(reply.items())
-    return [(pair[0], pair[1]) for pair in reply]
-
 
 class RedisEventFeed:
-    """Waiting reads of job streams for one process, over one shared reader (see the
-    module docstring). ``read_now`` reads a stream without blocking (the store's
-    auto-pipelined XREAD); ``wake`` appends an entry to a stream (the same pipeline)."""
+    """Waiting reads of job streams for one process, over one shared subscriber (see
+    the module docstring). ``read_now`` reads a stream without blocking (the store's
+    auto-pipelined XREAD)."""
 
-    def __init__(
-        self,
-        url: str,
-        prefix: str,
-        read_now: ReadNow,
-        wake: Callable[[str, int], Awaitable[Any]],
-        client: aioredis.Redis | None = None,
-    ) -> None:
+    def __init__(self, url: str, read_now: ReadNow, client: aioredis.Redis | None = None) -> None:
         from adapters.redis_clients import redis_client
 
         self._read_now = read_now
-        self._wake = wake
         self._watches: dict[str, EventWatch] = {}
         self._client = client or redis_client(url, max_connections=1, retries=0)
-        self._reader = _Reader(self._client, f"{prefix}:feed:{uuid.uuid4().hex}", self._watches)
+        self._reader = _Subscriber(self._client, self._watches, read_now)
 
     @property
     def watched(self) -> int:
@@ -181,11 +241,11 @@ class RedisEventFeed:
 
     @property
     def reads(self) -> int:
-        """XREADs the reader has completed (tests and benchmarks)."""
+        """Events the subscriber has received (tests and benchmarks)."""
         return self._reader.reads
 
-    def _reader_for(self, key: str) -> _Reader:
-        """The reader that watches ``key`` (one per process on a single Redis)."""
+    def _reader_for(self, key: str) -> _Subscriber:
+        """The subscriber that watches ``key`` (one per process on a single Redis)."""
         return self._reader
 
     async def read(self, key: str, after: int, wait_s: float) -> list[Event]:
@@ -197,30 +257,26 @@ class RedisEventFeed:
             if ring:
                 return ring
             if ring is not None and watch.armed and wait_s > 0:
-                return await watch.wait(key, after, wait_s, self._read_now)
+                return await self._wait(watch, key, after, wait_s)
         events = await self._read_now(key, after)
         if events or wait_s <= 0:
             return events
         reader = self._reader_for(key)
         watch = self._watches.get(key)
         if watch is None:
-            # The log ends at ``after`` now: the reader starts there.
+            # The log ends at ``after`` now: the watch starts there.
             watch = self._watches[key] = EventWatch(after)
-            self._rearm(reader)
-        elif reader.task is None or reader.task.done():
-            self._rearm(reader)
-        return await watch.wait(key, after, wait_s, self._read_now)
-
-    def _rearm(self, reader: _Reader) -> None:
+            reader.subscribe(key)
         if reader.task is None or reader.task.done():
-            reader.task = asyncio.create_task(reader.run(), name="redis-feed-reader")
+            reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
             reader.task.add_done_callback(reader.ended)
-            return
-        if not reader.wake_pending:
-            reader.wake_pending = True
-            waking = asyncio.ensure_future(self._wake(reader.wake_key, WAKE_TTL_S))
-            # A failed wake-up only delays the new watch until the reader's next XREAD.
-            waking.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await self._wait(watch, key, after, wait_s)
+
+    async def _wait(self, watch: EventWatch, key: str, after: int, wait_s: float) -> list[Event]:
+        events = await watch.wait(key, after, wait_s, self._read_now)
+        if events:
+            return events
+        return await self._read_now(key, after)  # timed out: the log, in case a writer did not publish
 
     async def aclose(self) -> None:
         task = self._reader.task
@@ -231,5 +287,3 @@ class RedisEventFeed:
         self._reader.task = None
         with contextlib.suppress(Exception):
             await self._client.aclose()
-
-

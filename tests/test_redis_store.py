@@ -125,23 +125,23 @@ async def test_event_ids_are_consecutive_across_clients_and_match_stream_ids(
     assert [entry_id.decode() for entry_id, _ in entries] == [f"{n}-0" for n in range(1, 31)]
 
 
-async def test_blocking_read_is_a_server_side_block_woken_by_another_client(
+async def test_waiting_read_is_subscribed_in_redis_and_woken_by_another_client(
     store: RedisStore, raw: aioredis.Redis
 ) -> None:
-    """A waiting reader is parked in XREAD BLOCK on Redis and wakes on another client's append."""
+    """A waiting reader is subscribed, inside Redis, to its job's stream and wakes on
+    another client's append long before its wait ends (no polling)."""
     writer = RedisStore.from_url(store.url, prefix=store.prefix, ttl_s=3600)
     job, _ = await store.create(_job())
     await store.append_event(job.id, "status", {"n": 1})
-    reader = asyncio.create_task(store.read_events(job.id, after=1, wait_s=10))
-    blocked: list[dict[str, str]] = []
+    reader = asyncio.create_task(store.read_events(job.id, after=1, wait_s=30))
+    channel = f"{store.prefix}:events:{job.id}"
+    subscribers = 0
     for _ in range(200):
-        blocked = [
-            line for line in (await raw.client_list()) if line["cmd"] == "xread" and "b" in line["flags"]
-        ]
-        if blocked:
+        subscribers = dict(await raw.pubsub_numsub(channel)).get(channel.encode(), 0)
+        if subscribers:
             break
         await asyncio.sleep(0.01)
-    assert blocked, "the reader should be blocked inside Redis, not polling"
+    assert subscribers == 1, "the reader should be subscribed inside Redis, not polling"
     await writer.append_event(job.id, "done", {"status": "completed"})
     events = await asyncio.wait_for(reader, 10)
     await writer.close()

@@ -1,5 +1,6 @@
 -- RedisStore.commit: a step's artifacts, cache entries and trace records, then the
--- compare-and-set update of the job with its events, in one round trip.
+-- compare-and-set update of the job with its events (each also PUBLISHed on the
+-- channel named after the event stream, adapters/redis_feed.py), in one round trip.
 -- KEYS: the job's keys (see RedisKeys.job_keys), then one key per step cache entry.
 -- ARGV: prefix, id, ttl, want_job, attempts (-1: any), n_expect (-1: any), expected...,
 --       n_changes, (field, value)..., n_events, (type, data)..., n_artifacts,
@@ -62,6 +63,7 @@ end
 for j = events_at, events_at + 2 * n_events - 1, 2 do
   local n = redis.call('INCR', seq_key)
   redis.call('XADD', ev_key, n .. '-0', 'type', ARGV[j], 'data', ARGV[j + 1])
+  redis.call('PUBLISH', ev_key, n .. ' ' .. ARGV[j] .. ' ' .. ARGV[j + 1])
 end
 for j = 1, 6 do redis.call('EXPIRE', KEYS[j], ttl) end
 if want_job == '1' then return redis.call('HGETALL', job_key) end

@@ -1,5 +1,6 @@
 -- RedisStore.create: a job, its idempotency claim, its first events and its index
--- entries, atomically. Returns the earlier job's id when the claim is held, else false.
+-- entries (each event also PUBLISHed, as in store_append_event.lua), atomically.
+-- Returns the earlier job's id when the claim is held, else false.
 -- KEYS: job, idempotency key (or ''), event counter, event stream
 -- ARGV: prefix, id, tenant, status, created, ttl, idem_ttl, n_events,
 --       (type, data)..., then the job's (field, value) pairs
@@ -22,6 +23,7 @@ redis.call('EXPIRE', job_key, ttl)
 for j = 9, fields_at - 1, 2 do
   local n = redis.call('INCR', seq_key)
   redis.call('XADD', ev_key, n .. '-0', 'type', ARGV[j], 'data', ARGV[j + 1])
+  redis.call('PUBLISH', ev_key, n .. ' ' .. ARGV[j] .. ' ' .. ARGV[j + 1])
 end
 if n_events > 0 then
   redis.call('EXPIRE', seq_key, ttl)
