@@ -5,36 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from itertools import islice
 
 from pipeline.model import Event
 
 RING = 32
 """Most events kept per watched job; readers further behind read the log themselves."""
-RING_AGE_S = 2.0
-"""Events older than this leave the ring: a stream at the head is back for the next
-events within milliseconds, and a parsed event costs kilobytes held per job."""
+RING_AGE_S = 0.5
+"""Events older than this leave the ring: a stream at the head is woken as the event
+arrives and takes it within milliseconds, and a parsed event held for every watched
+job costs kilobytes each (one kept longer is read from the log instead)."""
 
 ReadNow = Callable[[str, int], Awaitable[list[Event]]]
 """Read a log after an id without waiting (``(key or job id, after)``)."""
 
 
 class EventWatch:
-    """One job's log as its reader last saw it: ids in ``(base, cursor]`` are in ``ring``,
-    and ``changed`` is set (then replaced) whenever the cursor moves."""
+    """One job's log as its reader last saw it: ids in ``(base, cursor]`` are in
+    ``ring`` (with the time each arrived), and every waiter is woken whenever the
+    cursor moves. Plain lists and bare futures, not deques and an ``asyncio.Event``:
+    a process holds one watch per watched job, and those cost a kilobyte each empty."""
 
-    __slots__ = ("added", "armed", "base", "changed", "cursor", "ring", "used", "waiters")
+    __slots__ = ("armed", "base", "cursor", "ring", "used", "waiters")
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
         self.base = cursor
-        self.ring: deque[Event] = deque()
-        self.added: deque[float] = deque()
-        """When each event of ``ring`` arrived (monotonic)."""
-        self.changed = asyncio.Event()
-        self.waiters = 0
+        self.ring: list[tuple[float, Event]] = []
+        self.waiters: list[asyncio.Future[None]] = []
         self.used = time.monotonic()
         self.armed = False
         """True while a reader covers this watch: it will see every event after
@@ -48,37 +46,41 @@ class EventWatch:
                 continue
             if event.id != self.cursor + 1:  # not contiguous: restart the ring here
                 self.ring.clear()
-                self.added.clear()
                 self.base = event.id - 1
-            self.ring.append(event)
-            self.added.append(now)
+            self.ring.append((now, event))
             self.cursor = event.id
             moved = True
         self.trim(now)
         if moved:
-            changed, self.changed = self.changed, asyncio.Event()
-            changed.set()
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def trim(self, now: float) -> None:
         """Drop events beyond ``RING`` or older than ``RING_AGE_S``."""
-        while self.ring and (len(self.ring) > RING or now - self.added[0] > RING_AGE_S):
-            self.base = self.ring.popleft().id
-            self.added.popleft()
+        drop = 0
+        while drop < len(self.ring) and (
+            len(self.ring) - drop > RING or now - self.ring[drop][0] > RING_AGE_S
+        ):
+            drop += 1
+        if drop:
+            self.base = self.ring[drop - 1][1].id
+            del self.ring[:drop]
 
     def since(self, after: int) -> list[Event] | None:
         """Events after ``after`` from the ring; ``None`` when the ring does not cover it."""
         if after < self.base or after > self.cursor:
             return None
-        return list(islice(self.ring, after - self.base, None))
+        return [event for _, event in self.ring[after - self.base :]]
 
     def idle_since(self, before: float) -> bool:
-        return self.waiters == 0 and self.used < before
+        return not self.waiters and self.used < before
 
     async def wait(self, key: str, after: int, wait_s: float, read_now: ReadNow) -> list[Event]:
         """Events after ``after`` once the watch has them (or the log, when the ring has
         moved past ``after``), else ``[]`` after ``wait_s``."""
         deadline = time.monotonic() + wait_s
-        self.waiters += 1
         try:
             while True:
                 ring = self.since(after)
@@ -89,11 +91,16 @@ class EventWatch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
+                waiter = asyncio.get_running_loop().create_future()
+                self.waiters.append(waiter)
                 try:
                     async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel
-                        await self.changed.wait()
+                        await waiter
                 except TimeoutError:
                     return []
+                finally:
+                    if not waiter.done():
+                        waiter.cancel()
+                        self.waiters.remove(waiter)
         finally:
-            self.waiters -= 1
             self.used = time.monotonic()

@@ -20,7 +20,7 @@ and an event costs Redis one PUBLISH, not a re-armed read over every watched key
   the log once more, so even a writer that does not publish (an older worker during
   a rolling deploy) is seen at every heartbeat.
 - **Pruning**: watches nobody has waited on for ``LINGER_S`` are unsubscribed and
-  dropped (checked once a second), and ring entries older than ``RING_AGE_S``.
+  dropped (checked every ``PRUNE_S``), and ring entries older than ``RING_AGE_S``.
 - **Redis restart or a silent connection** (no answer to PING for ``DEAD_S``): the
   subscriber keeps every cursor, reconnects with back-off, subscribes again and
   reads each log after its cursor; ids are per-job integers carried by the entries,
@@ -59,7 +59,7 @@ READ_COUNT = 256
 LINGER_S = 5.0
 """A watch nobody waited on for this long is dropped (an SSE stream comes back to wait
 within the time it takes to send what it just got)."""
-PRUNE_S = 1.0
+PRUNE_S = 0.5
 """How often the subscriber drops stale watches and old ring entries."""
 PING_S = 5.0
 """A quiet subscriber PINGs Redis this often."""

@@ -20,7 +20,11 @@ only the chunk framing and the ``id:``/``event:`` lines). Per N:
 - the floor in the same run: a bare Litestar SSE endpoint under the same uvicorn
   settings as ``jobq serve``, sending each stream the same number of events over the
   same time from an in-process timer (each event carries its send time), followed by
-  the same client.
+  the same client;
+- the floor under load, in the same run: the same app while a worker runs N jobs on
+  a Redis of its own beside it (nobody reads their events), each stream sent its
+  events at the times the jobq run's events were written, so with the same bursts
+  and the same competition for the machine's cores.
 
 aws backend: moto server (in this process), ``jobq serve`` and ``jobq worker`` on
 the aws backend; the web process reaches S3 through a counting proxy here, so its S3
@@ -131,41 +135,60 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
     }
 
 
-async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None) -> dict[str, Any]:
-    from tests.support.redis_server import RedisServer, free_port
+class Load:
+    """What runs beside the web process: a private Redis and one ``jobq worker`` running
+    N jobs (submitted in SUBMIT_BATCHES batches over SPREAD_S, as independent users'
+    would; all at once, they also end at once: a burst no floor has)."""
 
-    server = RedisServer.start(persistent=False)
-    port = free_port()
-    in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
-    env = child_env(server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15", **in_tree)
-    serve = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port)]
+    def __init__(self, n: int, logs: Path, latency_ms: int, label: str, tree: Path | None) -> None:
+        from tests.support.redis_server import RedisServer
+
+        self.n = n
+        self.server = RedisServer.start(persistent=False)
+        self.worker = start_worker(
+            self.server.url,
+            PREFIX,
+            logs,
+            f"fanout-worker-{label}",
+            tree=tree,
+            LLM_OFFLINE_LATENCY_MS=str(latency_ms),
+            LIVE_DELTAS="0",
+            WORKER_CONCURRENCY=str(n + 10),
+            LOG_LEVEL="warning",
+        )
+
+    async def submit(self) -> list[str]:
+        ids: list[str] = []
+        for batch in range(SUBMIT_BATCHES):
+            count = self.n // SUBMIT_BATCHES + (batch < self.n % SUBMIT_BATCHES)
+            ids += await submit_jobs(self.server.url, PREFIX, count)
+            await asyncio.sleep(SPREAD_S / SUBMIT_BATCHES)
+        return ids
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.server.close()
+
+
+async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None) -> dict[str, Any]:
+    from tests.support.redis_server import free_port
+
     label = f"{n}" if tree is None else f"{n}-{tree.name}"
     for old in logs.glob(f"fanout-*-{label}.log"):  # noqa: ASYNC240 - before the run
         old.unlink()  # Child appends: one run per log
+    load = Load(n, logs, latency_ms, label, tree)
+    port = free_port()
+    in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
+    env = child_env(load.server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15", **in_tree)
+    serve = [sys.executable, "-m", "handlers.cli", "serve", "--port", str(port)]
     web = Child(f"fanout-web-{label}", serve, env, logs, cwd=tree or ROOT)
-    worker = start_worker(
-        server.url,
-        PREFIX,
-        logs,
-        f"fanout-worker-{label}",
-        tree=tree,
-        LLM_OFFLINE_LATENCY_MS=str(latency_ms),
-        LIVE_DELTAS="0",
-        WORKER_CONCURRENCY=str(n + 10),
-        LOG_LEVEL="warning",
-    )
-    probe = WriteProbe(server.url)
+    probe = WriteProbe(load.server.url)
     try:
         await wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/api/jobs/health"), "jobq serve")
         await probe.start()
         rss_before = rss_kib(web.pid)
-        sampler = Sampler(web.pid, server.port, redis=probe.redis).start()
-        # Jobs start spread over SPREAD_S, as independent users' would (all at once, they
-        # also end at once: a burst no floor has).
-        ids = []
-        for batch in range(SUBMIT_BATCHES):
-            ids += await submit_jobs(server.url, PREFIX, n // SUBMIT_BATCHES + (batch < n % SUBMIT_BATCHES))
-            await asyncio.sleep(SPREAD_S / SUBMIT_BATCHES)
+        sampler = Sampler(web.pid, load.server.port, redis=probe.redis).start()
+        ids = await load.submit()
         cpu_before, began = cpu_s(web.pid), time.monotonic()
         result = await run_client(
             logs, f"fanout-jobq-{label}", port, [f"/api/jobs/{i}/stream" for i in ids], False, 900
@@ -184,13 +207,26 @@ async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None
             web_warnings=_warnings(web.log),
             conns_series=sampler.series,
             redis_clients_all=sampler.clients_peak,
+            schedule=schedule(result, probe.times),
         )
         return summary
     finally:
         await probe.stop()
-        worker.stop()
         web.stop()
-        server.close()
+        load.stop()
+
+
+def schedule(result: dict[str, Any], write_times: dict[tuple[str, int], float]) -> list[list[float]]:
+    """Per stream, when its job's events were written after it opened: seconds after
+    the first stream opened (the loaded floor sends its events at these times)."""
+    streams = result["streams"]
+    first = min((s["opened"] for s in streams if s["opened"]), default=0.0)
+    out = []
+    for s in streams:
+        job = s["path"].split("/")[3]
+        written = (write_times.get((job, event_id)) for event_id, *_ in s["events"])
+        out.append([round(w - first, 3) for w in written if w and w >= s["opened"]])
+    return out
 
 
 def _warnings(log: Path) -> int:
@@ -199,20 +235,38 @@ def _warnings(log: Path) -> int:
     )
 
 
-async def floor_run(n: int, logs: Path, events: int, interval: float) -> dict[str, Any]:
+async def floor_run(
+    n: int,
+    logs: Path,
+    events: int,
+    interval: float,
+    loaded: tuple[int, list[list[float]]] | None = None,
+) -> dict[str, Any]:
+    """The bare floor; with ``loaded`` (latency_ms, schedule), the floor under the jobq
+    run's conditions: the same worker running N jobs beside it, and each stream's events
+    sent at the times the jobq run's were written (same bursts)."""
     from tests.support.redis_server import free_port
 
     port = free_port()
-    app = Child(
-        f"fanout-floor-{n}", [sys.executable, str(PARTS), "--floor-app", str(port)], dict(os.environ), logs
-    )
+    name = f"fanout-floor{'-loaded' if loaded else ''}-{n}"
+    app = Child(name, [sys.executable, str(PARTS), "--floor-app", str(port)], dict(os.environ), logs)
+    load = None if loaded is None else Load(n, logs, loaded[0], f"{n}-floor", None)
     try:
         await wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/schema"), "floor app")
         rss_before = rss_kib(app.pid)
+        if load is not None:
+            await load.submit()
         sampler = Sampler(app.pid, None).start()
         cpu_before, began = cpu_s(app.pid), time.monotonic()
-        paths = [f"/s/{i}?events={events}&interval={interval:.3f}" for i in range(n)]
-        result = await run_client(logs, f"fanout-floor-{n}", port, paths, True, 900)
+        if loaded is None:
+            paths = [f"/s/{i}?events={events}&interval={interval:.3f}" for i in range(n)]
+        else:
+            start = time.time() + 0.5
+            paths = [
+                f"/p/{i}?start={start:.3f}&at={','.join(f'{t:.3f}' for t in times)}"
+                for i, times in enumerate(loaded[1])
+            ]
+        result = await run_client(logs, name, port, paths, True, 900)
         wall = time.monotonic() - began
         cpu = cpu_s(app.pid) - cpu_before
         sampler.stop()
@@ -228,6 +282,8 @@ async def floor_run(n: int, logs: Path, events: int, interval: float) -> dict[st
         return summary
     finally:
         app.stop()
+        if load is not None:
+            load.stop()
 
 
 # -- aws ------------------------------------------------------------------------------
@@ -345,12 +401,12 @@ async def _submit_aws(env: dict[str, str], count: int) -> list[str]:
 # -- report -----------------------------------------------------------------------------
 
 
-def _row(n: int, name: str, r: dict[str, Any], ratio: str) -> str:
+def _row(n: int, name: str, r: dict[str, Any], ratios: str) -> str:
     conns = "-" if r.get("conns") is None else str(r["conns"])
     return (
         f"| {n} | {name} | {r['done']}/{r['n']} | {sum(r['cuts'].values())} | "
         f"{r['p50']:.0f} | {r['p99']:.0f} | "
-        f"{ratio} | {conns} | {r['rss_mib']:.0f} ({r['rss_per_stream_kib']:.1f}) | "
+        f"{ratios} | {conns} | {r['rss_mib']:.0f} ({r['rss_per_stream_kib']:.1f}) | "
         f"{r['cpu_s']:.0f} ({r['cpu_pct']:.0f}%) |"
     )
 
@@ -359,15 +415,17 @@ def table(
     rows: list[tuple[int, str, dict[str, Any]]], aws: dict[str, Any] | None, meta: dict[str, Any]
 ) -> str:
     floors = {n: r for n, name, r in rows if name == "floor"}
+    loaded = {n: r for n, name, r in rows if name == "floor under load"}
     lines = [
-        "| N | server | reached `done` | cut | lag p50 ms | lag p99 ms | p99 / floor | Redis conns (web) "
-        "| RSS MiB (per stream KiB) | web CPU s (% core) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| N | server | reached `done` | cut | lag p50 ms | lag p99 ms | p99 / floor "
+        "| p99 / floor under load | Redis conns (web) | RSS MiB (per stream KiB) | web CPU s (% core) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, name, r in rows:
-        floor = floors.get(n)
-        ratio = "" if name == "floor" or floor is None else f"{r['p99'] / floor['p99']:.2f}"
-        lines.append(_row(n, name, r, ratio))
+        ratios = []
+        for base in (floors.get(n), loaded.get(n)):
+            ratios.append("" if name.startswith("floor") or base is None else f"{r['p99'] / base['p99']:.2f}")
+        lines.append(_row(n, name, r, " | ".join(ratios)))
     text = "\n".join(lines) + "\n\n"
     text += (
         "Today, from the issue (before this change): 500 streams: 1,165 Redis connections in all, p99 "
@@ -405,7 +463,10 @@ def table(
         f"\nSetup: offline provider at {meta['latency_ms']} ms per call, `LIVE_DELTAS=0`, one `jobq worker` "
         "with concurrency N+10. Lag: client receipt minus Redis's keyspace notification of the XADD, "
         "events written after the stream opened only. Floor: bare Litestar SSE under the same uvicorn "
-        f"settings, {meta['events']} events per stream over the jobq run's length. Machine: 2 cores shared "
+        f"settings, {meta['events']} events per stream over the jobq run's length, evenly spaced, nothing "
+        "else running. Floor under load: the same app while the same worker runs N jobs on its own Redis "
+        "beside it, each stream's events sent at the times the jobq run's were written (the same "
+        "bursts); the lag of both floors is from the app's send time. Machine: 2 cores shared "
         f"with other sessions; load average before {meta['load_before']}, after {meta['load_after']}; "
         f"pure-Python loop {meta['loop_ms']:.0f} ms.\n"
     )
@@ -431,11 +492,11 @@ async def main(args: argparse.Namespace) -> None:
     rows: list[tuple[int, str, dict[str, Any]]] = []
     for n in ns:
         jobq = await jobq_run(n, logs, args.latency_ms, args.tree)
-        print(f"jobq N={n}: {jobq}", flush=True)
+        print(f"jobq N={n}: { {k: v for k, v in jobq.items() if k != 'schedule'} }", flush=True)
         rows.append((n, "jobq serve", jobq))
         if args.before and n == args.before_n:
             before = await jobq_run(n, logs, args.latency_ms, args.before)
-            print(f"before N={n}: {before}", flush=True)
+            print(f"before N={n}: { {k: v for k, v in before.items() if k != 'schedule'} }", flush=True)
             rows.append((n, "before", before))
         if args.no_floor:
             continue
@@ -444,6 +505,9 @@ async def main(args: argparse.Namespace) -> None:
         floor = await floor_run(n, logs, events, jobq["wall_s"] / events)
         print(f"floor N={n}: {floor}", flush=True)
         rows.append((n, "floor", floor))
+        loaded = await floor_run(n, logs, events, 0.0, loaded=(args.latency_ms, jobq["schedule"]))
+        print(f"loaded floor N={n}: {loaded}", flush=True)
+        rows.append((n, "floor under load", loaded))
     aws = None
     saved = logs / "fanout-aws.json"
     if args.reuse_aws:

@@ -1,7 +1,7 @@
 """Pieces of ``bench/fanout.py`` that run apart or stand alone: the load client (its
 own process: ``python bench/fanout_parts.py --client SPEC OUT``), the floor app
-(``--floor-app PORT``), the web process's meters and the write-time probe, and the
-counting proxy in front of moto."""
+(``--floor-app PORT``: events on a timer, or at planned times), the web process's
+meters and the write-time probe, and the counting proxy in front of moto."""
 
 from __future__ import annotations
 
@@ -137,7 +137,27 @@ def floor_app(port: int) -> None:
 
         return ServerSentEvent(messages())
 
-    app = Litestar([stream], logging_config=None, signature_namespace={"ServerSentEvent": ServerSentEvent})
+    @get("/p/{n:int}")
+    async def planned(n: int, start: float, at: str) -> ServerSentEvent:
+        """Events at planned times: ``start`` (epoch s) plus each of ``at`` (s)."""
+        times = [float(t) for t in at.split(",") if t]
+
+        async def messages() -> Any:
+            yield ServerSentEventMessage(data=None, retry=2000)
+            for i, t in enumerate(times, 1):
+                delay = start + t - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                yield ServerSentEventMessage(
+                    id=i, event="status", data=json.dumps({"t": time.time(), "p": pad})
+                )
+            yield ServerSentEventMessage(id=len(times) + 1, event="done", data=json.dumps({"t": time.time()}))
+
+        return ServerSentEvent(messages())
+
+    app = Litestar(
+        [stream, planned], logging_config=None, signature_namespace={"ServerSentEvent": ServerSentEvent}
+    )
     # As ``jobq serve`` runs uvicorn (handlers/cli.py).
     uvicorn.run(
         app,

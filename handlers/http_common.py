@@ -108,6 +108,16 @@ def reader(request: Request[Any, Any, Any], settings: Settings) -> str | None:
     return read_scope(settings, tenant(request, settings))
 
 
+def raw_header(connection: ASGIConnection[Any, Any, Any, Any], name: bytes) -> str | None:
+    """A request header (``name`` lower case) read from the ASGI scope, without building
+    Litestar's parsed headers, which the scope keeps for as long as the connection (an
+    SSE stream's, for as long as it is open)."""
+    for key, value in connection.scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
 def check_job_id(job_id: str) -> str:
     """Ids that could never have been issued are 404 before they reach a key or path."""
     if not JOB_ID_RE.match(job_id):

@@ -141,7 +141,7 @@ async def stream_job(
     async def load_job() -> Any:
         return await container.service.get(job_id, scope)
 
-    after = last_event_id(request.headers.get("last-event-id"), last_event_id_query)
+    after = last_event_id(h.raw_header(request, b"last-event-id"), last_event_id_query)
     return sse_response(
         job_events(
             container.store,

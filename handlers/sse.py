@@ -137,10 +137,12 @@ async def _job_events(
             after = event.id
             if not deltas and event.type == EventType.DELTA:
                 continue
+            is_done = event.type == EventType.DONE
             message = ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
-            del event
+            del event  # neither is held while the stream waits for the next read
             yield message
-            if message.event == EventType.DONE:
+            del message
+            if is_done:
                 return
         if first and not got_events and await _finished_without_done(store, job_id, after, load_status):
             # A client that saw ``done`` and reconnected anyway: tell it again, at once.
@@ -228,7 +230,8 @@ def sse_response(messages: JobEventStream) -> ServerSentEvent:
 
 
 class _JobEventResponse(ServerSentEvent):
-    """Litestar's SSE response, sent by :class:`_GuardedStreamingResponse`."""
+    """Litestar's SSE response (its head, and its place in the schema); the body is sent
+    by :class:`_GuardedStreamingResponse`."""
 
     def __init__(self, messages: JobEventStream, headers: dict[str, str]) -> None:
         super().__init__(messages, headers=headers)
@@ -241,11 +244,13 @@ class _JobEventResponse(ServerSentEvent):
 
 
 class _GuardedStreamingResponse(ASGIStreamingResponse):
-    """Sends each chunk under a time limit: a client that takes no bytes for the
-    stream's ``stall_s`` (uvicorn waits in ``send`` while its write buffer is above the
-    high-water mark) ends the stream, logged with the job id. The connection is then
-    closed after what is already buffered, so the client sees whole events and
-    resumes after the last one it got."""
+    """Encodes the stream's messages itself, not through Litestar's SSE generator (which
+    starts every stream with a hop to a thread, and holds the last message while it
+    waits for the next), and sends each under a time limit: a client that takes no
+    bytes for the stream's ``stall_s`` (uvicorn waits in ``send`` while its write buffer
+    is above the high-water mark) ends the stream, logged with the job id. The
+    connection is then closed after what is already buffered, so the client sees whole
+    events and resumes after the last one it got."""
 
     __slots__ = ("stream",)
 
@@ -263,10 +268,12 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
     async def _send_guarded(self, send: Send, scope: CancelScope) -> None:
         stall_s = self.stream.stall_s
         try:
-            async for chunk in self.iterator:
-                body = chunk if isinstance(chunk, bytes) else chunk.encode(self.encoding)
+            async for message in self.stream:
+                body = message.encode()
+                del message  # not held while the next event is awaited
                 async with asyncio.timeout(stall_s):
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+                del body
             async with asyncio.timeout(stall_s):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
