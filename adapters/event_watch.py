@@ -26,14 +26,15 @@ class EventWatch:
     cursor moves. Plain lists and bare futures, not deques and an ``asyncio.Event``:
     a process holds one watch per watched job, and those cost a kilobyte each empty."""
 
-    __slots__ = ("armed", "base", "cursor", "ring", "used", "waiters")
+    __slots__ = ("armed", "base", "cursor", "moved", "ring", "used", "waiters")
 
     def __init__(self, cursor: int) -> None:
         self.cursor = cursor
         self.base = cursor
         self.ring: list[tuple[float, Event]] = []
         self.waiters: list[asyncio.Future[None]] = []
-        self.used = time.monotonic()
+        self.used = self.moved = time.monotonic()
+        """``moved``: when the cursor last moved."""
         self.armed = False
         """True while a reader covers this watch: it will see every event after
         ``cursor`` without a reader of the stream reading the log."""
@@ -52,6 +53,7 @@ class EventWatch:
             moved = True
         self.trim(now)
         if moved:
+            self.moved = now
             waiters, self.waiters = self.waiters, []
             for waiter in waiters:
                 if not waiter.done():

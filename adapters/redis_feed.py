@@ -16,9 +16,10 @@ and an event costs Redis one PUBLISH, not a re-armed read over every watched key
   through the auto-pipeline), so a slow reader costs no memory here.
 - **No gap**: events written between a reader's last read and Redis confirming the
   subscription would be missed by the channel, so each confirmation is followed by
-  a read of the log after the watch's cursor. A waiting read that times out reads
-  the log once more, so even a writer that does not publish (an older worker during
-  a rolling deploy) is seen at every heartbeat.
+  a read of the log after the watch's cursor. A waiting read that times out on a job
+  with no event for ``QUIET_READ_S`` reads the log once more, so even a writer that
+  does not publish (an older worker during a rolling deploy) is followed, at
+  heartbeat pace.
 - **Pruning**: watches nobody has waited on for ``LINGER_S`` are unsubscribed and
   dropped (checked every ``PRUNE_S``), and ring entries older than ``RING_AGE_S``.
 - **Redis restart or a silent connection** (no answer to PING for ``DEAD_S``): the
@@ -68,6 +69,8 @@ DEAD_S = 15.0
 SUBSCRIBE_BATCH = 1000
 """Channels per SUBSCRIBE when a reconnect subscribes every watch again."""
 RETRY_MAX_S = 2.0
+QUIET_READ_S = 5.0
+"""A wait that times out on a job with no event for this long reads the job's log."""
 
 
 class _Silent(Exception):
@@ -274,9 +277,12 @@ class RedisEventFeed:
 
     async def _wait(self, watch: EventWatch, key: str, after: int, wait_s: float) -> list[Event]:
         events = await watch.wait(key, after, wait_s, self._read_now)
-        if events:
+        if events or time.monotonic() - watch.moved < QUIET_READ_S:
             return events
-        return await self._read_now(key, after)  # timed out: the log, in case a writer did not publish
+        # A quiet job: read its log, in case a writer did not publish.
+        events = await self._read_now(key, after)
+        watch.add(events)
+        return events
 
     async def aclose(self) -> None:
         task = self._reader.task

@@ -197,6 +197,8 @@ async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None
         cpu = cpu_s(web.pid) - cpu_before
         sampler.stop()
         summary = summarize(result, probe.times)
+        writes = [[job, event_id, at] for (job, event_id), at in probe.times.items()]
+        (logs / f"fanout-jobq-{label}-writes.json").write_text(json.dumps(writes))
         summary.update(
             conns=sampler.conns,
             rss_mib=sampler.rss_peak / 1024,
@@ -466,7 +468,8 @@ def table(
         f"settings, {meta['events']} events per stream over the jobq run's length, evenly spaced, nothing "
         "else running. Floor under load: the same app while the same worker runs N jobs on its own Redis "
         "beside it, each stream's events sent at the times the jobq run's were written (the same "
-        "bursts); the lag of both floors is from the app's send time. Machine: 2 cores shared "
+        "bursts); its lag counts from those planned times, the bare floor's from the app's send time. "
+        "Machine: 2 cores shared "
         f"with other sessions; load average before {meta['load_before']}, after {meta['load_after']}; "
         f"pure-Python loop {meta['loop_ms']:.0f} ms.\n"
     )

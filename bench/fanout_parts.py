@@ -139,7 +139,9 @@ def floor_app(port: int) -> None:
 
     @get("/p/{n:int}")
     async def planned(n: int, start: float, at: str) -> ServerSentEvent:
-        """Events at planned times: ``start`` (epoch s) plus each of ``at`` (s)."""
+        """Events at planned times: ``start`` (epoch s) plus each of ``at`` (s). An event
+        carries its planned time, as a jobq event's lag counts from its write: a timer
+        that fires late (a busy loop) is part of the lag."""
         times = [float(t) for t in at.split(",") if t]
 
         async def messages() -> Any:
@@ -149,7 +151,7 @@ def floor_app(port: int) -> None:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 yield ServerSentEventMessage(
-                    id=i, event="status", data=json.dumps({"t": time.time(), "p": pad})
+                    id=i, event="status", data=json.dumps({"t": start + t, "p": pad})
                 )
             yield ServerSentEventMessage(id=len(times) + 1, event="done", data=json.dumps({"t": time.time()}))
 

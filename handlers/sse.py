@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
@@ -111,12 +112,16 @@ async def _job_events(
 
     Waits in slices no longer than the heartbeat interval; with ``window_s > 0``
     (platforms that buffer the response) the stream ends after that long and the
-    client reconnects with ``Last-Event-ID``.
+    client reconnects with ``Last-Event-ID``. The first heartbeat comes at a random
+    point of the second half of the interval, so that streams opened together (a
+    reconnect storm, a page of jobs) do not all beat in the same instant; only a
+    stream that got no event since its last heartbeat looks at the job's status.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + window_s if window_s > 0 else None
-    next_beat = started + heartbeat_s
+    next_beat = started + heartbeat_s * random.uniform(0.5, 1.0)
+    beat_after = after
     yield ServerSentEventMessage(data=None, retry=RETRY_MS)
     load_status = partial(_status_of, load_job)
     first = True
@@ -151,9 +156,10 @@ async def _job_events(
         first = False
         if loop.time() >= next_beat:
             next_beat = loop.time() + heartbeat_s
+            quiet, beat_after = after == beat_after, after
             # The job's status at a heartbeat is loaded once for all its streams here.
             shared = _shared_loads.loader(job_id, load_job, heartbeat_s / 2)
-            if not got_events and await _finished_without_done(store, job_id, after, shared):
+            if quiet and await _finished_without_done(store, job_id, after, shared):
                 if ended_seen:
                     # The log lost its tail (expired or never written): close rather
                     # than leave the client waiting forever. (Two heartbeats in a row: a
