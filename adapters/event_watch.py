@@ -56,8 +56,7 @@ class EventWatch:
             self.moved = now
             waiters, self.waiters = self.waiters, []
             for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+                _wake(waiter)
 
     def trim(self, now: float) -> None:
         """Drop events beyond ``RING`` or older than ``RING_AGE_S``."""
@@ -81,8 +80,11 @@ class EventWatch:
 
     async def wait(self, key: str, after: int, wait_s: float, read_now: ReadNow) -> list[Event]:
         """Events after ``after`` once the watch has them (or the log, when the ring has
-        moved past ``after``), else ``[]`` after ``wait_s``."""
-        deadline = time.monotonic() + wait_s
+        moved past ``after``), else ``[]`` after ``wait_s``. The wait is a bare future
+        and one timer, not ``asyncio.timeout``: thousands of streams wait here, again
+        after every event."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
         try:
             while True:
                 ring = self.since(after)
@@ -90,19 +92,21 @@ class EventWatch:
                     return ring
                 if ring is None and self.cursor > after:  # past the ring: read the log
                     return await read_now(key, after)
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if loop.time() >= deadline:
                     return []
-                waiter = asyncio.get_running_loop().create_future()
+                waiter = loop.create_future()
                 self.waiters.append(waiter)
+                timer = loop.call_at(deadline, _wake, waiter)
                 try:
-                    async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel
-                        await waiter
-                except TimeoutError:
-                    return []
+                    await waiter
                 finally:
-                    if not waiter.done():
-                        waiter.cancel()
+                    timer.cancel()
+                    if waiter in self.waiters:  # woken by the timer, or cancelled
                         self.waiters.remove(waiter)
         finally:
             self.used = time.monotonic()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

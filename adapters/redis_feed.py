@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import math
 import time
 from typing import Any
 
@@ -51,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.event_watch import EventWatch, ReadNow
+from adapters.redis_codec import loads
 from pipeline.model import Event
 
 log = structlog.get_logger("jobq.redis_feed")
@@ -73,14 +74,10 @@ QUIET_READ_S = 5.0
 """A wait that times out on a job with no event for this long reads the job's log."""
 
 
-class _Silent(Exception):
-    """The subscriber's connection stopped answering."""
-
-
 def published_event(data: bytes) -> Event:
     """An event as the store's scripts publish it: ``<n> <type> <data JSON>``."""
     number, type, payload = data.split(b" ", 2)
-    return Event(int(number), type.decode(), json.loads(payload))
+    return Event(int(number), type.decode(), loads(payload))
 
 
 class _Subscriber:
@@ -98,13 +95,15 @@ class _Subscriber:
         self.reads = 0
         self.heard = 0.0
         self.pinged = 0.0
-        self.pruned = 0.0
+        self.silent = False
+        """Set when housekeeping closed the connection for silence."""
         self._catching_up: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         delay = 0.05
         down_since: float | None = None
         while True:
+            housekeeping: asyncio.Task[None] | None = None
             try:
                 await self._connect()
                 if down_since is not None:
@@ -112,20 +111,27 @@ class _Subscriber:
                     log.warning("redis_feed_reconnected", down_s=down_s, watched=len(self.watches))
                     down_since = None
                 delay = 0.05
+                housekeeping = asyncio.create_task(self._housekeep(), name="redis-feed-housekeeping")
                 await self._listen()
-            except (_Silent, RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if housekeeping is not None:
+                    housekeeping.cancel()  # before it touches the closed connection
+                silent, self.silent = self.silent, False
                 self.live = False
                 for watch in self.watches.values():
                     watch.armed = False
                 if down_since is None:
                     down_since = time.monotonic()
-                    error = str(exc) or type(exc).__name__
+                    error = f"no reply for {DEAD_S:.0f} s" if silent else str(exc) or type(exc).__name__
                     log.warning("redis_feed_reconnecting", error=error, watched=len(self.watches))
                 if self.conn is not None:
                     with contextlib.suppress(Exception):
                         await self.conn.disconnect()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
+            finally:
+                if housekeeping is not None:
+                    housekeeping.cancel()
 
     async def _connect(self) -> None:
         if self.conn is None:
@@ -145,24 +151,33 @@ class _Subscriber:
         await self.conn.send_command(*args, check_health=False)
 
     async def _listen(self) -> None:
+        """Read what the subscription receives. No timeout per read (a timer per event
+        adds up at thousands a second): :meth:`_housekeep` pings a quiet connection
+        and closes a silent one, which ends this read."""
         assert self.conn is not None
         while True:
             # push_request: over RESP3, what a subscription receives comes as pushes.
             reply = await self.conn.read_response(
-                timeout=PRUNE_S, disconnect_on_error=False, push_request=True
+                timeout=math.inf, disconnect_on_error=False, push_request=True
             )
+            self.heard = time.monotonic()
+            self._handle(reply)
+
+    async def _housekeep(self) -> None:
+        """Every ``PRUNE_S``: drop stale watches and old ring entries, PING a quiet
+        connection, close one silent for ``DEAD_S`` (the reader then reconnects)."""
+        assert self.conn is not None
+        while True:
+            await asyncio.sleep(PRUNE_S)
             now = time.monotonic()
-            if reply is not None:
-                self.heard = now
-                self._handle(reply)
-            elif now - self.heard >= DEAD_S:
-                raise _Silent(f"no reply from Redis for {DEAD_S:.0f} s")
+            if now - self.heard >= DEAD_S:
+                self.silent = True
+                await self.conn.disconnect(nowait=True)
+                return
             if now - self.heard >= PING_S and now - self.pinged >= PING_S:
                 self.pinged = now
                 await self._send("PING")
-            if now - self.pruned >= PRUNE_S:
-                self.pruned = now
-                await self._prune(now)
+            await self._prune(now)
 
     def _handle(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]

@@ -17,13 +17,14 @@ is cut off.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any
 
+import msgspec
 import structlog
 from anyio import CancelScope, create_task_group
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -40,6 +41,12 @@ MAX_EVENT_ID = 2**53
 SLOW_CLIENT_BEATS = 2.0
 """A client that accepts no bytes for this many heartbeat intervals is not reading."""
 log = structlog.get_logger("jobq.sse")
+_encoder = msgspec.json.Encoder()
+
+
+def _json(data: object) -> str:
+    """Event data as JSON text (compact, UTF-8: what ``json.loads`` reads back the same)."""
+    return _encoder.encode(data).decode()
 
 
 def last_event_id(header: str | None, query: str | None) -> int:
@@ -143,7 +150,7 @@ async def _job_events(
             if not deltas and event.type == EventType.DELTA:
                 continue
             is_done = event.type == EventType.DONE
-            message = ServerSentEventMessage(id=event.id, event=event.type, data=json.dumps(event.data))
+            message = ServerSentEventMessage(id=event.id, event=event.type, data=_json(event.data))
             del event  # neither is held while the stream waits for the next read
             yield message
             del message
@@ -218,7 +225,7 @@ async def _status_of(load_job: Callable[[], Awaitable[Job | None]]) -> str | Non
 async def _done_without_id(load_status: Callable[[], Awaitable[str | None]]) -> ServerSentEventMessage:
     """A closing ``done`` with no id: the client's last id stays the one to resume after."""
     status = await load_status()
-    return ServerSentEventMessage(event=EventType.DONE, data=json.dumps({"status": status or "unknown"}))
+    return ServerSentEventMessage(event=EventType.DONE, data=_json({"status": status or "unknown"}))
 
 
 async def _finished_without_done(
@@ -258,35 +265,107 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
     connection is then closed after what is already buffered, so the client sees whole
     events and resumes after the last one it got."""
 
-    __slots__ = ("stream",)
+    __slots__ = ("scope", "sending_since", "stalled", "stream")
 
     def __init__(self, base: ASGIStreamingResponse, stream: JobEventStream) -> None:
         for name in _slots(type(base)):
             if hasattr(base, name):
                 object.__setattr__(self, name, getattr(base, name))
         self.stream = stream
+        self.sending_since: float | None = None
+        """When the send under way began (loop time); None between sends."""
+        self.stalled = False
+        self.scope: CancelScope | None = None
 
     async def send_body(self, send: Send, receive: Receive) -> None:
+        watch = _StallWatch.of_running_loop()
         async with create_task_group() as task_group:
-            task_group.start_soon(partial(self._send_guarded, send, task_group.cancel_scope))
-            await self._listen_for_disconnect(cancel_scope=task_group.cancel_scope, receive=receive)
-
-    async def _send_guarded(self, send: Send, scope: CancelScope) -> None:
-        stall_s = self.stream.stall_s
-        try:
-            async for message in self.stream:
-                body = message.encode()
-                del message  # not held while the next event is awaited
-                async with asyncio.timeout(stall_s):
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                del body
-            async with asyncio.timeout(stall_s):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except TimeoutError:
-            job_id = self.stream.job_id
-            log.warning("sse_stream_ended", job_id=job_id, reason="client_not_reading", stall_s=stall_s)
+            self.scope = task_group.cancel_scope
+            watch.add(self)
+            try:
+                task_group.start_soon(self._send_all, send)
+                await self._listen_for_disconnect(cancel_scope=task_group.cancel_scope, receive=receive)
+            finally:
+                watch.discard(self)
+        if self.stalled:
+            stall_s = self.stream.stall_s
+            log.warning(
+                "sse_stream_ended", job_id=self.stream.job_id, reason="client_not_reading", stall_s=stall_s
+            )
             await self.stream.aclose()
-            scope.cancel()  # stop listening for the disconnect: the response ends here
+
+    async def _send_all(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        async for message in self.stream:
+            body = _encode(message)
+            del message  # not held while the next event is awaited
+            self.sending_since = loop.time()
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            self.sending_since = None
+            del body
+        self.sending_since = loop.time()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.sending_since = None
+
+
+class _StallWatch:
+    """One task per event loop that cuts off the streams whose send under way has waited
+    for the client longer than their ``stall_s`` (uvicorn's ``send`` waits while its
+    write buffer is above the high-water mark): one check of every stream per
+    ``CHECK_S`` instead of a timer per send."""
+
+    CHECK_S = 0.5
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _StallWatch] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.responses: set[_GuardedStreamingResponse] = set()
+        self.task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of_running_loop(cls) -> _StallWatch:
+        loop = asyncio.get_running_loop()
+        watch = cls._by_loop.get(loop)
+        if watch is None:
+            watch = cls._by_loop[loop] = cls()
+        return watch
+
+    def add(self, response: _GuardedStreamingResponse) -> None:
+        self.responses.add(response)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name="sse-stall-watch")
+
+    def discard(self, response: _GuardedStreamingResponse) -> None:
+        self.responses.discard(response)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.responses:
+            await asyncio.sleep(self.CHECK_S)
+            now = loop.time()
+            for response in list(self.responses):
+                since = response.sending_since
+                if since is not None and now - since > response.stream.stall_s and response.scope:
+                    response.stalled = True
+                    response.scope.cancel()  # ends the response: the connection is closed
+                    self.responses.discard(response)
+
+
+def _encode(message: ServerSentEventMessage) -> bytes:
+    """An event as SSE text. Events with an id, a type and one-line data (JSON as
+    ``msgspec`` writes it has no raw line break) are formatted directly; anything
+    else through Litestar's encoder."""
+    data = message.data
+    if (
+        message.id is not None
+        and message.event is not None
+        and message.retry is None
+        and message.comment is None
+        and isinstance(data, str)
+        and "\n" not in data
+        and "\r" not in data
+    ):
+        return f"id: {message.id}\r\nevent: {message.event}\r\ndata: {data}\r\n\r\n".encode()
+    return message.encode()
 
 
 def _slots(cls: type) -> Iterable[str]:
