@@ -31,7 +31,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
-from pipeline.model import Job
+from pipeline.model import Event, Job
 from pipeline.ports import JobStore
 from pipeline.vocabulary import TERMINAL_STATUSES, EventType
 
@@ -60,10 +60,11 @@ def last_event_id(header: str | None, query: str | None) -> int:
 
 
 class JobEventStream:
-    """The messages of one job's stream, with what the response needs to guard it:
-    the job id for logs and how long a send may wait for the client."""
+    """The encoded chunks of one job's stream (each holds every event of one read), with
+    what the response needs to guard it: the job id for logs and how long a send may
+    wait for the client."""
 
-    def __init__(self, messages: AsyncIterator[ServerSentEventMessage], job_id: str, stall_s: float) -> None:
+    def __init__(self, messages: AsyncIterator[bytes], job_id: str, stall_s: float) -> None:
         self._messages = messages
         self.job_id = job_id
         self.stall_s = stall_s
@@ -71,7 +72,7 @@ class JobEventStream:
     def __aiter__(self) -> JobEventStream:
         return self
 
-    async def __anext__(self) -> ServerSentEventMessage:
+    async def __anext__(self) -> bytes:
         try:
             return await self._messages.__anext__()
         except (StopAsyncIteration, asyncio.CancelledError):
@@ -113,7 +114,7 @@ async def _job_events(
     window_s: float = 0.0,
     deltas: bool = True,
     load_job: Callable[[], Awaitable[Job | None]],
-) -> AsyncIterator[ServerSentEventMessage]:
+) -> AsyncIterator[bytes]:
     """``retry:`` first, then events after ``after`` until ``done``; ``deltas=False``
     leaves out the ``delta`` events (their ids still count, so a resume stays exact).
 
@@ -129,7 +130,7 @@ async def _job_events(
     deadline = started + window_s if window_s > 0 else None
     next_beat = started + heartbeat_s * random.uniform(0.5, 1.0)
     beat_after = after
-    yield ServerSentEventMessage(data=None, retry=RETRY_MS)
+    yield ServerSentEventMessage(data=None, retry=RETRY_MS).encode()
     load_status = partial(_status_of, load_job)
     first = True
     ended_seen = False
@@ -139,7 +140,8 @@ async def _job_events(
             return
         # The first read does not wait: a reconnect after ``done`` has nothing to wait for.
         wait = 0.0 if first else max(0.0, min(next_beat, deadline or next_beat) - now)
-        got_events = False
+        got_events = done = False
+        chunk: list[bytes] = []
         # No name holds the read's list while the stream waits for the next one: a
         # stream's replay, parsed, would otherwise stay in memory for as long as it is open.
         for event in await store.read_events(job_id, after, wait_s=wait):
@@ -149,16 +151,20 @@ async def _job_events(
             after = event.id
             if not deltas and event.type == EventType.DELTA:
                 continue
-            is_done = event.type == EventType.DONE
-            message = ServerSentEventMessage(id=event.id, event=event.type, data=_json(event.data))
-            del event  # neither is held while the stream waits for the next read
-            yield message
-            del message
-            if is_done:
+            chunk.append(_event_bytes(event))
+            if event.type == EventType.DONE:
+                done = True
+                break
+        if chunk:
+            # Every event of a read in one chunk: one write to the socket, not one each.
+            body, chunk = b"".join(chunk), []
+            yield body
+            del body
+            if done:
                 return
         if first and not got_events and await _finished_without_done(store, job_id, after, load_status):
             # A client that saw ``done`` and reconnected anyway: tell it again, at once.
-            yield await _done_without_id(load_status)
+            yield (await _done_without_id(load_status)).encode()
             return
         first = False
         if loop.time() >= next_beat:
@@ -172,12 +178,22 @@ async def _job_events(
                     # than leave the client waiting forever. (Two heartbeats in a row: a
                     # busy worker may write the terminal events a while after the status.)
                     log.warning("sse_stream_ended", job_id=job_id, reason="log_without_done", after=after)
-                    yield await _done_without_id(load_status)
+                    yield (await _done_without_id(load_status)).encode()
                     return
                 ended_seen = True
             else:
                 ended_seen = False
-            yield ServerSentEventMessage(data=None, comment="keep-alive")
+            yield ServerSentEventMessage(data=None, comment="keep-alive").encode()
+
+
+def _event_bytes(event: Event) -> bytes:
+    """An event as SSE text. Compact JSON as msgspec writes it has no raw line break,
+    so the data is one ``data:`` line."""
+    return b"id: %d\r\nevent: %s\r\ndata: %s\r\n\r\n" % (
+        event.id,
+        event.type.encode(),
+        _encoder.encode(event.data),
+    )
 
 
 class _SharedLoads:
@@ -257,13 +273,14 @@ class _JobEventResponse(ServerSentEvent):
 
 
 class _GuardedStreamingResponse(ASGIStreamingResponse):
-    """Encodes the stream's messages itself, not through Litestar's SSE generator (which
-    starts every stream with a hop to a thread, and holds the last message while it
-    waits for the next), and sends each under a time limit: a client that takes no
-    bytes for the stream's ``stall_s`` (uvicorn waits in ``send`` while its write buffer
-    is above the high-water mark) ends the stream, logged with the job id. The
-    connection is then closed after what is already buffered, so the client sees whole
-    events and resumes after the last one it got."""
+    """Sends the stream's encoded chunks itself, not through Litestar's SSE generator
+    (which starts every stream with a hop to a thread, encodes one message per write,
+    and holds the last message while it waits for the next), each under a time
+    limit kept by :class:`_StallWatch`: a client that takes no bytes for the stream's
+    ``stall_s`` (uvicorn waits in ``send`` while its write buffer is above the
+    high-water mark) ends the stream, logged with the job id. The connection is then
+    closed after what is already buffered, so the client sees whole events and
+    resumes after the last one it got."""
 
     __slots__ = ("scope", "sending_since", "stalled", "stream")
 
@@ -296,13 +313,11 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
 
     async def _send_all(self, send: Send) -> None:
         loop = asyncio.get_running_loop()
-        async for message in self.stream:
-            body = _encode(message)
-            del message  # not held while the next event is awaited
+        async for body in self.stream:
             self.sending_since = loop.time()
             await send({"type": "http.response.body", "body": body, "more_body": True})
             self.sending_since = None
-            del body
+            del body  # not held while the next events are awaited
         self.sending_since = loop.time()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.sending_since = None
@@ -348,24 +363,6 @@ class _StallWatch:
                     response.stalled = True
                     response.scope.cancel()  # ends the response: the connection is closed
                     self.responses.discard(response)
-
-
-def _encode(message: ServerSentEventMessage) -> bytes:
-    """An event as SSE text. Events with an id, a type and one-line data (JSON as
-    ``msgspec`` writes it has no raw line break) are formatted directly; anything
-    else through Litestar's encoder."""
-    data = message.data
-    if (
-        message.id is not None
-        and message.event is not None
-        and message.retry is None
-        and message.comment is None
-        and isinstance(data, str)
-        and "\n" not in data
-        and "\r" not in data
-    ):
-        return f"id: {message.id}\r\nevent: {message.event}\r\ndata: {data}\r\n\r\n".encode()
-    return message.encode()
 
 
 def _slots(cls: type) -> Iterable[str]:
