@@ -93,6 +93,8 @@ class _Subscriber:
         self.pending: set[str] = set()
         self.task: asyncio.Task[None] | None = None
         self.reads = 0
+        self.connects = 0
+        """Connections made, reconnects included (tests and benchmarks)."""
         self.heard = 0.0
         self.pinged = 0.0
         self.silent = False
@@ -137,6 +139,7 @@ class _Subscriber:
         if self.conn is None:
             self.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         await self.conn.connect()
+        self.connects += 1
         self.heard = self.pinged = time.monotonic()
         # Live before the key set is taken: a watch added while the SUBSCRIBEs below are
         # sent subscribes on its own, so none falls between the two.

@@ -4,6 +4,7 @@ off, a reader that survives a Redis restart, one S3 poller per job."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
+from adapters import redis_feed
 from adapters.redis_store import RedisStore
 from bench.fanout_parts import tcp_to_port
 from tests.support.redis_server import RedisServer, redis_backend_env, redis_url, unique_prefix
@@ -261,3 +264,67 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, env[name])
     return env
+
+
+def test_writer_that_does_not_publish_is_still_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event written without the PUBLISH (as an older worker during a rolling deploy
+    would) reaches a waiting reader when its wait times out, not never."""
+    monkeypatch.setattr(redis_feed, "QUIET_READ_S", 0.0)
+    prefix = unique_prefix()
+
+    async def scenario() -> list[tuple[int, str]]:
+        reader = RedisStore.from_url(redis_url(), prefix=prefix)
+        raw = Redis.from_url(redis_url())
+        try:
+            await reader.append_event("job", "status", {"n": 1})
+            waiting = asyncio.create_task(reader.read_events("job", 1, wait_s=1.0))
+            await asyncio.sleep(0.3)
+            number = await raw.incr(f"{prefix}:evseq:job")
+            await raw.xadd(f"{prefix}:events:job", {"type": "status", "data": '{"n": 2}'}, id=f"{number}-0")
+            events = await asyncio.wait_for(waiting, 10)
+            return [(event.id, event.type) for event in events]
+        finally:
+            await raw.aclose()
+            await reader.close()
+
+    assert asyncio.run(scenario()) == [(2, "status")]
+
+
+def test_subscriber_reconnects_when_redis_stops_answering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that stops answering without closing the connection (frozen here) is
+    given up after DEAD_S of silence: the subscriber reconnects, and a reader waiting
+    through it gets the events written after Redis came back."""
+    monkeypatch.setattr(redis_feed, "PRUNE_S", 0.1)
+    monkeypatch.setattr(redis_feed, "PING_S", 0.2)
+    monkeypatch.setattr(redis_feed, "DEAD_S", 1.0)
+    server = RedisServer.start(persistent=False)
+
+    async def scenario() -> tuple[int, list[int]]:
+        writer = RedisStore.from_url(server.url, prefix="s")
+        reader = RedisStore.from_url(server.url, prefix="s")
+        try:
+            await writer.append_event("job", "status", {"n": 1})
+            waiting = asyncio.create_task(reader.read_events("job", 1, wait_s=30))
+            await asyncio.sleep(0.5)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(2.0)
+            server.process.send_signal(signal.SIGCONT)
+            subscriber = reader._events.feed._reader
+            for _ in range(100):
+                if subscriber.connects >= 2 and subscriber.live:
+                    break
+                await asyncio.sleep(0.05)
+            await writer.append_event("job", "status", {"n": 2})
+            events = await asyncio.wait_for(waiting, 10)
+            return subscriber.connects, [event.id for event in events]
+        finally:
+            await writer.close()
+            await reader.close()
+
+    try:
+        connects, ids = asyncio.run(scenario())
+    finally:
+        server.close()
+    assert connects >= 2, "the subscriber kept its silent connection"
+    assert ids == [2]
