@@ -432,8 +432,9 @@ def table(
     text += (
         "Today, from the issue (before this change): 500 streams: 1,165 Redis connections in all, p99 "
         "622 ms; 1,000 streams: 1,126-1,140 Redis connections held by the web process, p99 404-875 ms, "
-        "1-30 streams cut in four runs. The `before` row is that code (main at the branch point) "
-        "in this run.\n\n"
+        "1-30 streams cut in four runs."
+        + (f" The `before` row is the code of {meta['before']} in this run." if meta.get("before") else "")
+        + "\n\n"
     )
     for n, name, r in rows:
         text += (
@@ -476,6 +477,15 @@ def table(
     return text
 
 
+def _commit_of(tree: Path) -> str:
+    import subprocess
+
+    found = subprocess.run(
+        ["git", "-C", str(tree), "log", "-1", "--format=%h (%s)"], capture_output=True, text=True, check=False
+    )
+    return f"`{found.stdout.strip()[:90]}`" if found.returncode == 0 else str(tree)
+
+
 async def main(args: argparse.Namespace) -> None:
     import logging
 
@@ -492,6 +502,8 @@ async def main(args: argparse.Namespace) -> None:
         "aws_latency_ms": args.aws_latency_ms,
         "loop_ms": loop_ms(),
     }
+    if args.before:
+        meta["before"] = _commit_of(args.before)
     rows: list[tuple[int, str, dict[str, Any]]] = []
     for n in ns:
         jobq = await jobq_run(n, logs, args.latency_ms, args.tree)
