@@ -177,10 +177,13 @@ class _Subscriber:
                 self.silent = True
                 await self.conn.disconnect(nowait=True)
                 return
-            if now - self.heard >= PING_S and now - self.pinged >= PING_S:
-                self.pinged = now
-                await self._send("PING")
-            await self._prune(now)
+            try:
+                if now - self.heard >= PING_S and now - self.pinged >= PING_S:
+                    self.pinged = now
+                    await self._send("PING")
+                await self._prune(now)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                return  # the connection broke: the reader sees it too, and reconnects
 
     def _handle(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
