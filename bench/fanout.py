@@ -481,9 +481,9 @@ def _commit_of(tree: Path) -> str:
     import subprocess
 
     found = subprocess.run(
-        ["git", "-C", str(tree), "log", "-1", "--format=%h (%s)"], capture_output=True, text=True, check=False
+        ["git", "-C", str(tree), "log", "-1", "--format=%h"], capture_output=True, text=True, check=False
     )
-    return f"`{found.stdout.strip()[:90]}`" if found.returncode == 0 else str(tree)
+    return f"`{found.stdout.strip()}`" if found.returncode == 0 else str(tree)
 
 
 async def main(args: argparse.Namespace) -> None:
