@@ -18,18 +18,12 @@ from pipeline.budget import JobBudget, job_counter, tenant_counter, to_micro, ut
 from pipeline.graph import LLM_STEPS
 from pipeline.model import LLMError
 from pipeline.request import RequestInvalid, validate_request
-from tests.support.fake_llm import FakeLLMServer, fake_openai_server
+from tests.support.fake_llm import BODY, FakeLLMServer, fake_openai_server
 
 MODEL = "gpt-5.4-mini"
 """The openai provider's default model; its window keeps 4096 tokens for the answer."""
 PRICE = (1.0, 1.0)
 """USD per 1k prompt / completion tokens: a call costs dollars, so caps are easy to read."""
-BODY = {
-    "project_title": "Acme Robotics",
-    "elevator_pitch": "Robots that fold laundry for hotels, 40% cheaper than staff, 12 pilots.",
-    "language": "en",
-    "parallel_limit": 4,
-}
 
 Start = Callable[..., Awaitable[Container]]
 

@@ -13,14 +13,7 @@ import pytest
 
 from handlers.bootstrap import Container
 from pipeline.graph import LLM_STEPS
-from tests.support.fake_llm import FakeLLMServer, fake_anthropic_server, fake_openai_server
-
-BODY = {
-    "project_title": "Acme Robotics",
-    "elevator_pitch": "Robots that fold laundry for hotels, 40% cheaper than staff, 12 pilots.",
-    "language": "en",
-    "parallel_limit": 4,
-}
+from tests.support.fake_llm import BODY, FakeLLMServer, fake_anthropic_server, fake_openai_server
 
 ServerFactory = Callable[..., AbstractContextManager[FakeLLMServer]]
 

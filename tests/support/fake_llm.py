@@ -82,6 +82,14 @@ from typing import Any
 
 Responder = Callable[["RecordedRequest"], str]
 
+BODY = {
+    "project_title": "Acme Robotics",
+    "elevator_pitch": "Robots that fold laundry for hotels, 40% cheaper than staff, 12 pilots.",
+    "language": "en",
+    "parallel_limit": 4,
+}
+"""A job request for the LLM pipeline suites (four steps at a time)."""
+
 DEFAULT_FAILURES = ("429:retry_after=0.05", "500")
 _SCHEMA_IN_PROMPT = re.compile(r"```json\s*\n(.*?)\n```", re.DOTALL)
 _ERROR_TYPES = {
