@@ -142,16 +142,19 @@ async def stream_job(
         return await container.service.get(job_id, scope)
 
     after = last_event_id(h.raw_header(request, b"last-event-id"), last_event_id_query)
+    heartbeat_s = settings.sse_heartbeat_s
     return sse_response(
         job_events(
             container.store,
             job_id,
             after,
-            heartbeat_s=settings.sse_heartbeat_s,
+            heartbeat_s=heartbeat_s,
             window_s=settings.sse_window_s,
             deltas=deltas != "0",
             load_job=load_job,
-        )
+        ),
+        job_id,
+        heartbeat_s,
     )
 
 

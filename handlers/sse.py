@@ -44,11 +44,6 @@ log = structlog.get_logger("jobq.sse")
 _encoder = msgspec.json.Encoder()
 
 
-def _json(data: object) -> str:
-    """Event data as JSON text (compact, UTF-8: what ``json.loads`` reads back the same)."""
-    return _encoder.encode(data).decode()
-
-
 def last_event_id(header: str | None, query: str | None) -> int:
     """The id to resume after: the header wins, then ``?lastEventId=``. Junk, which
     includes other scripts' digits and ids no log issues, means 0: replay from the start."""
@@ -60,14 +55,15 @@ def last_event_id(header: str | None, query: str | None) -> int:
 
 
 class JobEventStream:
-    """The encoded chunks of one job's stream (each holds every event of one read), with
-    what the response needs to guard it: the job id for logs and how long a send may
-    wait for the client."""
+    """The encoded chunks of one job's stream (each holds every event of one read of
+    :func:`job_events`), ended early by failures (see the module docstring), with what
+    the response needs to guard it: the job id for logs and how long a send may wait
+    for the client."""
 
-    def __init__(self, messages: AsyncIterator[bytes], job_id: str, stall_s: float) -> None:
+    def __init__(self, messages: AsyncIterator[bytes], job_id: str, heartbeat_s: float) -> None:
         self._messages = messages
         self.job_id = job_id
-        self.stall_s = stall_s
+        self.stall_s = heartbeat_s * SLOW_CLIENT_BEATS
 
     def __aiter__(self) -> JobEventStream:
         return self
@@ -87,25 +83,7 @@ class JobEventStream:
             await closing()
 
 
-def job_events(
-    store: JobStore,
-    job_id: str,
-    after: int,
-    *,
-    heartbeat_s: float,
-    window_s: float = 0.0,
-    deltas: bool = True,
-    load_job: Callable[[], Awaitable[Job | None]],
-) -> JobEventStream:
-    """The stream of :func:`_job_events`, ended early by failures and non-reading
-    clients (see the module docstring)."""
-    messages = _job_events(
-        store, job_id, after, heartbeat_s=heartbeat_s, window_s=window_s, deltas=deltas, load_job=load_job
-    )
-    return JobEventStream(messages, job_id, stall_s=heartbeat_s * SLOW_CLIENT_BEATS)
-
-
-async def _job_events(
+async def job_events(
     store: JobStore,
     job_id: str,
     after: int,
@@ -241,7 +219,9 @@ async def _status_of(load_job: Callable[[], Awaitable[Job | None]]) -> str | Non
 async def _done_without_id(load_status: Callable[[], Awaitable[str | None]]) -> ServerSentEventMessage:
     """A closing ``done`` with no id: the client's last id stays the one to resume after."""
     status = await load_status()
-    return ServerSentEventMessage(event=EventType.DONE, data=_json({"status": status or "unknown"}))
+    return ServerSentEventMessage(
+        event=EventType.DONE, data=_encoder.encode({"status": status or "unknown"}).decode()
+    )
 
 
 async def _finished_without_done(
@@ -254,8 +234,10 @@ async def _finished_without_done(
     return not await store.read_events(job_id, after, wait_s=0.5)
 
 
-def sse_response(messages: JobEventStream) -> ServerSentEvent:
-    return _JobEventResponse(messages, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def sse_response(messages: AsyncIterator[bytes], job_id: str, heartbeat_s: float) -> ServerSentEvent:
+    """The response that sends ``messages`` (from :func:`job_events`) as job ``job_id``'s stream."""
+    stream = JobEventStream(messages, job_id, heartbeat_s)
+    return _JobEventResponse(stream, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class _JobEventResponse(ServerSentEvent):
