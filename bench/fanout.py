@@ -3,7 +3,8 @@
 redis backend, per N (500, 1,000, 2,000): a private ``redis-server``, a real ``jobq
 serve`` and one real ``jobq worker`` (``WORKER_CONCURRENCY`` N, ``LIVE_DELTAS=0``,
 offline provider at ``--latency-ms`` per call, so each job runs for minutes), N jobs
-submitted at once and N streams, each following its own job, opened by the load
+arriving over 10 s (``--arrivals``: each at its own random time, by default; see
+``ARRIVALS``) and N streams, each following its own job, opened by the load
 client (this file with ``--client``: its own process, asyncio raw sockets, parses
 only the chunk framing and the ``id:``/``event:`` lines). Per N:
 
@@ -31,6 +32,10 @@ the aws backend; the web process reaches S3 through a counting proxy here, so it
 requests are counted apart from the worker's. (a) 200 streams, each following its
 own running job; (b) 10 queued jobs nobody runs (idle), 20 streams each, for 60 s:
 S3 requests per stream-minute and per idle job per second.
+
+The stress run (``--burst-n``, 2,000 by default): the same N jobs arriving in lockstep
+batches, each batch writing its events in bursts; jobq and the floor under load, with
+the same arrivals.
 
 Usage: ``python bench/fanout.py [--quick] [--ns 500,1000,2000] [--latency-ms 4000]``
 (``--quick``: N=100 and a short aws run, BENCHMARKS.md left alone).
@@ -63,7 +68,7 @@ from bench.throughput import (  # noqa: E402 - after sys.path
     loop_ms,
     rss_kib,
     start_worker,
-    submit_jobs,
+    submit_at,
     wait_until,
 )
 
@@ -135,15 +140,25 @@ def summarize(result: dict[str, Any], write_times: dict[tuple[str, int], float] 
     }
 
 
+ARRIVALS = ("independent", "batches")
+"""How the N jobs arrive over SPREAD_S: ``independent``, each at its own random time, as
+independent users' jobs do (their steps then fall at scattered times, as the floor's
+events do); ``batches``, in SUBMIT_BATCHES batches, so each batch's jobs run in lockstep
+(the offline provider takes the same time for every call) and write their events in
+bursts of a hundred jobs at once, a stress no floor has but the floor under load."""
+
+
 class Load:
     """What runs beside the web process: a private Redis and one ``jobq worker`` running
-    N jobs (submitted in SUBMIT_BATCHES batches over SPREAD_S, as independent users'
-    would; all at once, they also end at once: a burst no floor has)."""
+    N jobs that arrive over SPREAD_S as ``arrivals`` says (see ARRIVALS)."""
 
-    def __init__(self, n: int, logs: Path, latency_ms: int, label: str, tree: Path | None) -> None:
+    def __init__(
+        self, n: int, logs: Path, latency_ms: int, label: str, tree: Path | None, arrivals: str
+    ) -> None:
         from tests.support.redis_server import RedisServer
 
         self.n = n
+        self.arrivals = arrivals
         self.server = RedisServer.start(persistent=False)
         self.worker = start_worker(
             self.server.url,
@@ -158,25 +173,28 @@ class Load:
         )
 
     async def submit(self) -> list[str]:
-        ids: list[str] = []
-        for batch in range(SUBMIT_BATCHES):
-            count = self.n // SUBMIT_BATCHES + (batch < self.n % SUBMIT_BATCHES)
-            ids += await submit_jobs(self.server.url, PREFIX, count)
-            await asyncio.sleep(SPREAD_S / SUBMIT_BATCHES)
-        return ids
+        if self.arrivals == "batches":
+            counts = [self.n // SUBMIT_BATCHES + (b < self.n % SUBMIT_BATCHES) for b in range(SUBMIT_BATCHES)]
+            offsets = [b * SPREAD_S / SUBMIT_BATCHES for b in range(SUBMIT_BATCHES)]
+        else:
+            counts = [1] * self.n
+            offsets = sorted(random.uniform(0, SPREAD_S) for _ in range(self.n))
+        return await submit_at(self.server.url, PREFIX, list(zip(offsets, counts, strict=True)))
 
     def stop(self) -> None:
         self.worker.stop()
         self.server.close()
 
 
-async def jobq_run(n: int, logs: Path, latency_ms: int, tree: Path | None = None) -> dict[str, Any]:
+async def jobq_run(
+    n: int, logs: Path, latency_ms: int, arrivals: str, tree: Path | None = None
+) -> dict[str, Any]:
     from tests.support.redis_server import free_port
 
-    label = f"{n}" if tree is None else f"{n}-{tree.name}"
+    label = f"{n}-{arrivals}" if tree is None else f"{n}-{arrivals}-{tree.name}"
     for old in logs.glob(f"fanout-*-{label}.log"):  # noqa: ASYNC240 - before the run
         old.unlink()  # Child appends: one run per log
-    load = Load(n, logs, latency_ms, label, tree)
+    load = Load(n, logs, latency_ms, label, tree, arrivals)
     port = free_port()
     in_tree = {} if tree is None else {"PYTHONPATH": str(tree)}
     env = child_env(load.server.url, PREFIX, LIVE_DELTAS="0", SSE_HEARTBEAT_S="15", **in_tree)
@@ -242,17 +260,18 @@ async def floor_run(
     logs: Path,
     events: int,
     interval: float,
-    loaded: tuple[int, list[list[float]]] | None = None,
+    loaded: tuple[int, str, list[list[float]]] | None = None,
 ) -> dict[str, Any]:
-    """The bare floor; with ``loaded`` (latency_ms, schedule), the floor under the jobq
-    run's conditions: the same worker running N jobs beside it, and each stream's events
-    sent at the times the jobq run's were written (same bursts)."""
+    """The bare floor; with ``loaded`` (latency_ms, arrivals, schedule), the floor under
+    the jobq run's conditions: the same worker running N jobs arriving the same way
+    beside it, and each stream's events sent at the times the jobq run's were written
+    (same bursts)."""
     from tests.support.redis_server import free_port
 
     port = free_port()
-    name = f"fanout-floor{'-loaded' if loaded else ''}-{n}"
+    name = f"fanout-floor-{n}" if loaded is None else f"fanout-floor-loaded-{n}-{loaded[1]}"
     app = Child(name, [sys.executable, str(PARTS), "--floor-app", str(port)], dict(os.environ), logs)
-    load = None if loaded is None else Load(n, logs, loaded[0], f"{n}-floor", None)
+    load = None if loaded is None else Load(n, logs, loaded[0], f"{n}-floor-{loaded[1]}", None, loaded[1])
     try:
         await wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/schema"), "floor app")
         rss_before = rss_kib(app.pid)
@@ -266,7 +285,7 @@ async def floor_run(
             start = time.time() + 0.5
             paths = [
                 f"/p/{i}?start={start:.3f}&at={','.join(f'{t:.3f}' for t in times)}"
-                for i, times in enumerate(loaded[1])
+                for i, times in enumerate(loaded[2])
             ]
         result = await run_client(logs, name, port, paths, True, 900)
         wall = time.monotonic() - began
@@ -417,7 +436,9 @@ def table(
     rows: list[tuple[int, str, dict[str, Any]]], aws: dict[str, Any] | None, meta: dict[str, Any]
 ) -> str:
     floors = {n: r for n, name, r in rows if name == "floor"}
-    loaded = {n: r for n, name, r in rows if name == "floor under load"}
+    loaded = {
+        (n, name.removeprefix("floor under load")): r for n, name, r in rows if name.startswith("floor under")
+    }
     lines = [
         "| N | server | reached `done` | cut | lag p50 ms | lag p99 ms | p99 / floor "
         "| p99 / floor under load | Redis conns (web) | RSS MiB (per stream KiB) | web CPU s (% core) |",
@@ -425,7 +446,8 @@ def table(
     ]
     for n, name, r in rows:
         ratios = []
-        for base in (floors.get(n), loaded.get(n)):
+        tag = name.removeprefix("jobq serve") if name.startswith("jobq") else ""
+        for base in (floors.get(n), loaded.get((n, tag))):
             ratios.append("" if name.startswith("floor") or base is None else f"{r['p99'] / base['p99']:.2f}")
         lines.append(_row(n, name, r, " | ".join(ratios)))
     text = "\n".join(lines) + "\n\n"
@@ -464,7 +486,9 @@ def table(
         )
     text += (
         f"\nSetup: offline provider at {meta['latency_ms']} ms per call, `LIVE_DELTAS=0`, one `jobq worker` "
-        "with concurrency N+10. Lag: client receipt minus Redis's keyspace notification of the XADD, "
+        "with concurrency N+10. The N jobs arrive over 10 s, each at its own random time (rows marked "
+        f"`batches`: in {SUBMIT_BATCHES} batches, each running in lockstep, writing its events in bursts). "
+        "Lag: client receipt minus Redis's keyspace notification of the XADD, "
         "events written after the stream opened only. Floor: bare Litestar SSE under the same uvicorn "
         f"settings, {meta['events']} events per stream over the jobq run's length, evenly spaced, nothing "
         "else running. Floor under load: the same app while the same worker runs N jobs on its own Redis "
@@ -505,24 +529,30 @@ async def main(args: argparse.Namespace) -> None:
     if args.before:
         meta["before"] = _commit_of(args.before)
     rows: list[tuple[int, str, dict[str, Any]]] = []
-    for n in ns:
-        jobq = await jobq_run(n, logs, args.latency_ms, args.tree)
-        print(f"jobq N={n}: { {k: v for k, v in jobq.items() if k != 'schedule'} }", flush=True)
-        rows.append((n, "jobq serve", jobq))
-        if args.before and n == args.before_n:
-            before = await jobq_run(n, logs, args.latency_ms, args.before)
+    runs = [(n, args.arrivals) for n in ns]
+    burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 2000)
+    if burst_n:
+        runs.append((burst_n, "batches"))
+    for n, arrivals in runs:
+        tag = "" if arrivals == "independent" else f", {arrivals}"
+        jobq = await jobq_run(n, logs, args.latency_ms, arrivals, args.tree)
+        print(f"jobq N={n}{tag}: { {k: v for k, v in jobq.items() if k != 'schedule'} }", flush=True)
+        rows.append((n, f"jobq serve{tag}", jobq))
+        if args.before and n == args.before_n and not tag:
+            before = await jobq_run(n, logs, args.latency_ms, arrivals, args.before)
             print(f"before N={n}: { {k: v for k, v in before.items() if k != 'schedule'} }", flush=True)
             rows.append((n, "before", before))
         if args.no_floor:
             continue
         events = max(1, round(jobq["events"] / max(1, jobq["n"])) - 1)
         meta.update(events=events)
-        floor = await floor_run(n, logs, events, jobq["wall_s"] / events)
-        print(f"floor N={n}: {floor}", flush=True)
-        rows.append((n, "floor", floor))
-        loaded = await floor_run(n, logs, events, 0.0, loaded=(args.latency_ms, jobq["schedule"]))
-        print(f"loaded floor N={n}: {loaded}", flush=True)
-        rows.append((n, "floor under load", loaded))
+        if not any(row_n == n and name == "floor" for row_n, name, _ in rows):
+            floor = await floor_run(n, logs, events, jobq["wall_s"] / events)
+            print(f"floor N={n}: {floor}", flush=True)
+            rows.append((n, "floor", floor))
+        loaded = await floor_run(n, logs, events, 0.0, loaded=(args.latency_ms, arrivals, jobq["schedule"]))
+        print(f"loaded floor N={n}{tag}: {loaded}", flush=True)
+        rows.append((n, f"floor under load{tag}", loaded))
     aws = None
     saved = logs / "fanout-aws.json"
     if args.reuse_aws:
@@ -567,6 +597,10 @@ if __name__ == "__main__":
         "--aws-latency-ms", type=int, default=500, help="aws run: offline provider time per call"
     )
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="independent", help="how the jobs arrive")
+    parser.add_argument(
+        "--burst-n", type=int, help="also run N jobs arriving in lockstep batches (default 2000; 0: no)"
+    )
     parser.add_argument("--tree", type=Path, help="run jobq serve and worker from this source tree")
     parser.add_argument("--before", type=Path, help="also run this source tree (e.g. a checkout of main)")
     parser.add_argument("--before-n", type=int, default=1000, help="the N at which --before runs")

@@ -271,21 +271,32 @@ def _settings(url: str, prefix: str) -> Any:
 
 async def submit_jobs(url: str, prefix: str, count: int, **fields: Any) -> list[str]:
     """Create and enqueue ``count`` jobs with distinct inputs (no cache hits)."""
+    return await submit_at(url, prefix, [(0.0, count)], **fields)
+
+
+async def submit_at(url: str, prefix: str, plan: list[tuple[float, int]], **fields: Any) -> list[str]:
+    """Jobs as :func:`submit_jobs` makes them, ``count`` at a time ``offset`` seconds after
+    the first, for each ``(offset, count)`` of ``plan`` (offsets in increasing order)."""
     from handlers.bootstrap import bootstrap
 
     container = bootstrap(_settings(url, prefix))
     await container.open()
+    ids: list[str] = []
     try:
-        jobs = await asyncio.gather(
-            *(
-                container.service.submit(
-                    {**BODY, "project_title": f"Solar Mesh {uuid.uuid4().hex[:10]}", **fields},
-                    "bench",
+        began = time.monotonic()
+        for offset, count in plan:
+            await asyncio.sleep(max(0.0, began + offset - time.monotonic()))
+            jobs = await asyncio.gather(
+                *(
+                    container.service.submit(
+                        {**BODY, "project_title": f"Solar Mesh {uuid.uuid4().hex[:10]}", **fields},
+                        "bench",
+                    )
+                    for _ in range(count)
                 )
-                for _ in range(count)
             )
-        )
-        return [job.id for job, _ in jobs]
+            ids += [job.id for job, _ in jobs]
+        return ids
     finally:
         await container.close()
 
@@ -448,8 +459,12 @@ async def median_concurrency(
     """The run with the median total time of ``runs`` (a shared machine varies between runs)."""
     results = [await bench_concurrency(url, logs, jobs, 200, n, log_level) for n in range(runs)]
     chosen = sorted(results, key=lambda r: r["total_s"])[len(results) // 2]
-    return {**chosen, "runs": runs, "min_total_s": min(r["total_s"] for r in results),
-            "max_total_s": max(r["total_s"] for r in results)}
+    return {
+        **chosen,
+        "runs": runs,
+        "min_total_s": min(r["total_s"] for r in results),
+        "max_total_s": max(r["total_s"] for r in results),
+    }
 
 
 # -- report -------------------------------------------------------------------
