@@ -52,11 +52,12 @@ class EventWatch:
             self.cursor = event.id
             moved = True
         self.trim(now)
+        if moved and self.waiters:
+            for waiter in self.waiters:  # woken later, by the loop: none is added meanwhile
+                _wake(waiter)
+            self.waiters.clear()
         if moved:
             self.moved = now
-            waiters, self.waiters = self.waiters, []
-            for waiter in waiters:
-                _wake(waiter)
 
     def trim(self, now: float) -> None:
         """Drop events beyond ``RING`` or older than ``RING_AGE_S``."""
@@ -78,11 +79,14 @@ class EventWatch:
     def idle_since(self, before: float) -> bool:
         return not self.waiters and self.used < before
 
-    async def wait(self, key: str, after: int, wait_s: float, read_now: ReadNow) -> list[Event]:
+    async def wait(
+        self, key: str, after: int, wait_s: float, read_now: ReadNow, quiet_read_s: float | None = None
+    ) -> list[Event]:
         """Events after ``after`` once the watch has them (or the log, when the ring has
-        moved past ``after``), else ``[]`` after ``wait_s``. The wait is a bare future
-        and one timer, not ``asyncio.timeout``: thousands of streams wait here, again
-        after every event."""
+        moved past ``after``), else ``[]`` after ``wait_s``; with ``quiet_read_s``, a wait
+        that ends on a job with no event for that long reads the log instead, in case a
+        writer did not announce its events. The wait is a bare future and one timer,
+        not ``asyncio.timeout``: thousands of streams wait here, again after every event."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         try:
@@ -93,7 +97,11 @@ class EventWatch:
                 if ring is None and self.cursor > after:  # past the ring: read the log
                     return await read_now(key, after)
                 if loop.time() >= deadline:
-                    return []
+                    if quiet_read_s is None or time.monotonic() - self.moved < quiet_read_s:
+                        return []
+                    events = await read_now(key, after)
+                    self.add(events)
+                    return events
                 waiter = loop.create_future()
                 self.waiters.append(waiter)
                 timer = loop.call_at(deadline, _wake, waiter)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from importlib.resources import files
 
 import redis.asyncio as aioredis
@@ -167,22 +167,32 @@ async def check_credentials(url: str) -> None:
             await client.aclose()
 
 
-@contextlib.contextmanager
-def unavailable_on_failure(what: str, timeout_s: float = OP_TIMEOUT_S) -> Iterator[None]:
+class UnavailableOnFailure:
     """Connection trouble and a Redis that did not answer in time (``TimeoutError``)
-    raised inside become :class:`StoreUnavailable` (HTTP 503)."""
-    try:
-        yield
-    except TimeoutError as exc:
-        raise StoreUnavailable(f"{what} did not answer within {timeout_s:g}s") from exc
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"{what}: {exc}") from exc
+    raised inside become :class:`StoreUnavailable` (HTTP 503). One instance serves any
+    number of ``with`` blocks, so a hot path keeps one rather than making a context
+    manager (and its generator) per use."""
+
+    __slots__ = ("timeout_s", "what")
+
+    def __init__(self, what: str, timeout_s: float = OP_TIMEOUT_S) -> None:
+        self.what = what
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, TimeoutError):
+            raise StoreUnavailable(f"{self.what} did not answer within {self.timeout_s:g}s") from exc
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+            raise StoreUnavailable(f"{self.what}: {exc}") from exc
 
 
 @contextlib.asynccontextmanager
 async def bounded(what: str, timeout_s: float = OP_TIMEOUT_S) -> AsyncIterator[None]:
     """Bound an operation in time; errors as in :func:`unavailable_on_failure`."""
-    with unavailable_on_failure(what, timeout_s):
+    with UnavailableOnFailure(what, timeout_s):
         async with asyncio.timeout(timeout_s):
             yield
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Coroutine
 from typing import Any
 
 from adapters.constants import EVENTS_KEY
 from adapters.redis_autopipeline import AutoPipeline
-from adapters.redis_clients import RedisClients, bounded, lua_script, unavailable_on_failure
+from adapters.redis_clients import RedisClients, bounded, lua_script
 from adapters.redis_codec import EVENT_SEQ_KEY, RedisKeys, parse_stream
 from adapters.redis_feed import READ_COUNT, RedisEventFeed
 from pipeline.model import JSON, Event
@@ -41,9 +42,9 @@ class RedisEventLog:
             )
         return Event(int(event_id), type, data)
 
-    async def read(self, job_id: str, after: int, wait_s: float) -> list[Event]:
-        with unavailable_on_failure("redis"):
-            return await self.feed.read(self._stream(job_id), after, wait_s)
+    def read(self, job_id: str, after: int, wait_s: float) -> Coroutine[Any, Any, list[Event]]:
+        """The feed's read (it turns Redis failures into ``StoreUnavailable``)."""
+        return self.feed.read(self._stream(job_id), after, wait_s)
 
     async def _read_now(self, key: str, after: int) -> list[Event]:
         """A non-blocking XREAD, batched with whatever else this turn sends."""

@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.connection import AbstractConnection
@@ -51,6 +53,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.event_watch import EventWatch, ReadNow
+from adapters.redis_clients import UnavailableOnFailure, redis_client
 from adapters.redis_codec import loads
 from pipeline.model import Event
 
@@ -72,12 +75,18 @@ SUBSCRIBE_BATCH = 1000
 RETRY_MAX_S = 2.0
 QUIET_READ_S = 5.0
 """A wait that times out on a job with no event for this long reads the job's log."""
+_REDIS_UNAVAILABLE = UnavailableOnFailure("redis")
 
 
 def published_event(data: bytes) -> Event:
-    """An event as the store's scripts publish it: ``<n> <type> <data JSON>``."""
+    """An event as the store's scripts publish it: ``<n> <type> <data JSON>``. The data
+    was written by ``json.dumps``, which may write what strict JSON has not (``NaN``)."""
     number, type, payload = data.split(b" ", 2)
-    return Event(int(number), type.decode(), loads(payload))
+    try:
+        value = loads(payload)
+    except msgspec.DecodeError:
+        value = json.loads(payload)
+    return Event(int(number), type.decode(), value)
 
 
 class _Subscriber:
@@ -252,8 +261,6 @@ class RedisEventFeed:
     auto-pipelined XREAD)."""
 
     def __init__(self, url: str, read_now: ReadNow, client: aioredis.Redis | None = None) -> None:
-        from adapters.redis_clients import redis_client
-
         self._read_now = read_now
         self._watches: dict[str, EventWatch] = {}
         self._client = client or redis_client(url, max_connections=1, retries=0)
@@ -273,37 +280,30 @@ class RedisEventFeed:
         return self._reader
 
     async def read(self, key: str, after: int, wait_s: float) -> list[Event]:
-        """Events of ``key`` after ``after``; when none, wait up to ``wait_s`` for the next."""
-        watch = self._watches.get(key)
-        if watch is not None:
-            watch.used = time.monotonic()
-            ring = watch.since(after)
-            if ring:
-                return ring
-            if ring is not None and watch.armed and wait_s > 0:
-                return await self._wait(watch, key, after, wait_s)
-        events = await self._read_now(key, after)
-        if events or wait_s <= 0:
-            return events
-        reader = self._reader_for(key)
-        watch = self._watches.get(key)
-        if watch is None:
-            # The log ends at ``after`` now: the watch starts there.
-            watch = self._watches[key] = EventWatch(after)
-            reader.subscribe(key)
-        if reader.task is None or reader.task.done():
-            reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
-            reader.task.add_done_callback(reader.ended)
-        return await self._wait(watch, key, after, wait_s)
-
-    async def _wait(self, watch: EventWatch, key: str, after: int, wait_s: float) -> list[Event]:
-        events = await watch.wait(key, after, wait_s, self._read_now)
-        if events or time.monotonic() - watch.moved < QUIET_READ_S:
-            return events
-        # A quiet job: read its log, in case a writer did not publish.
-        events = await self._read_now(key, after)
-        watch.add(events)
-        return events
+        """Events of ``key`` after ``after``; when none, wait up to ``wait_s`` for the next.
+        Redis failing on the way raises ``StoreUnavailable``."""
+        with _REDIS_UNAVAILABLE:
+            watch = self._watches.get(key)
+            if watch is not None:
+                watch.used = time.monotonic()
+                ring = watch.since(after)
+                if ring:
+                    return ring
+                if ring is not None and watch.armed and wait_s > 0:
+                    return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
+            events = await self._read_now(key, after)
+            if events or wait_s <= 0:
+                return events
+            reader = self._reader_for(key)
+            watch = self._watches.get(key)
+            if watch is None:
+                # The log ends at ``after`` now: the watch starts there.
+                watch = self._watches[key] = EventWatch(after)
+                reader.subscribe(key)
+            if reader.task is None or reader.task.done():
+                reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
+                reader.task.add_done_callback(reader.ended)
+            return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
 
     async def aclose(self) -> None:
         task = self._reader.task

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import structlog
@@ -56,9 +57,9 @@ from adapters.redis_clients import (
     MAX_CONNECTIONS,
     OP_TIMEOUT_S,
     RedisClients,
+    UnavailableOnFailure,
     bounded,
     lua_script,
-    unavailable_on_failure,
 )
 from adapters.redis_clients import RedisRefused as RedisRefused  # re-exported for handlers.cli
 from adapters.redis_clients import check_credentials as check_credentials  # likewise
@@ -120,12 +121,12 @@ class RedisStore(JobStore):
         """One command through the auto-pipeline, which bounds it in time already (a
         batch ahead of it, then its own batch: ``OP_TIMEOUT_S`` each), so it needs no
         timeout scope of its own (the hot path: reads and commits of running jobs)."""
-        with unavailable_on_failure("redis", OP_TIMEOUT_S):
+        with UnavailableOnFailure("redis", OP_TIMEOUT_S):
             return await self._auto.submit(*args)
 
     async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """``script`` through the auto-pipeline, errors as in :meth:`_call`."""
-        with unavailable_on_failure("redis", OP_TIMEOUT_S):
+        with UnavailableOnFailure("redis", OP_TIMEOUT_S):
             return await self._auto.eval(script, keys, args)
 
     # -- lifecycle ----------------------------------------------------------
@@ -258,8 +259,8 @@ class RedisStore(JobStore):
     async def _append_event(self, job_id: str, type: str, data: JSON) -> Event:
         return await self._events.append(job_id, type, data)
 
-    async def _read_events(self, job_id: str, after: int, wait_s: float) -> list[Event]:
-        return await self._events.read(job_id, after, wait_s)
+    def _read_events(self, job_id: str, after: int, wait_s: float) -> Coroutine[Any, Any, list[Event]]:
+        return self._events.read(job_id, after, wait_s)
 
     async def _add_trace(self, job_id: str, record: JSON) -> None:
         key = self._key(TRACE_KEY, job_id)

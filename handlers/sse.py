@@ -56,29 +56,16 @@ def last_event_id(header: str | None, query: str | None) -> int:
 
 class JobEventStream:
     """The encoded chunks of one job's stream (each holds every event of one read of
-    :func:`job_events`), ended early by failures (see the module docstring), with what
-    the response needs to guard it: the job id for logs and how long a send may wait
-    for the client."""
+    :func:`job_events`), with what the response needs to guard it: the job id for logs
+    and how long a send may wait for the client."""
 
     def __init__(self, messages: AsyncIterator[bytes], job_id: str, heartbeat_s: float) -> None:
-        self._messages = messages
+        self.messages = messages
         self.job_id = job_id
         self.stall_s = heartbeat_s * SLOW_CLIENT_BEATS
 
-    def __aiter__(self) -> JobEventStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._messages.__anext__()
-        except (StopAsyncIteration, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # any failure ends the stream cleanly; the client resumes
-            log.warning("sse_stream_ended", job_id=self.job_id, reason="error", error=repr(exc))
-            raise StopAsyncIteration from exc
-
     async def aclose(self) -> None:
-        closing = getattr(self._messages, "aclose", None)
+        closing = getattr(self.messages, "aclose", None)
         if closing is not None:
             await closing()
 
@@ -118,24 +105,13 @@ async def job_events(
             return
         # The first read does not wait: a reconnect after ``done`` has nothing to wait for.
         wait = 0.0 if first else max(0.0, min(next_beat, deadline or next_beat) - now)
-        got_events = done = False
-        chunk: list[bytes] = []
-        # No name holds the read's list while the stream waits for the next one: a
-        # stream's replay, parsed, would otherwise stay in memory for as long as it is open.
-        for event in await store.read_events(job_id, after, wait_s=wait):
-            got_events = True
-            if event.id <= after:
-                continue
-            after = event.id
-            if not deltas and event.type == EventType.DELTA:
-                continue
-            chunk.append(_event_bytes(event))
-            if event.type == EventType.DONE:
-                done = True
-                break
-        if chunk:
-            # Every event of a read in one chunk: one write to the socket, not one each.
-            body, chunk = b"".join(chunk), []
+        events = await store.read_events(job_id, after, wait_s=wait)
+        got_events = bool(events)
+        body, after, done = _encode_read(events, after, deltas)
+        # No name holds the read while the stream waits for the next one: a stream's
+        # replay, parsed, would otherwise stay in memory for as long as it is open.
+        del events
+        if body:
             yield body
             del body
             if done:
@@ -162,6 +138,22 @@ async def job_events(
             else:
                 ended_seen = False
             yield ServerSentEventMessage(data=None, comment="keep-alive").encode()
+
+
+def _encode_read(events: list[Event], after: int, deltas: bool) -> tuple[bytes, int, bool]:
+    """The SSE text of one read's events after ``after``, all in one chunk (one write to
+    the socket, not one each); the id to read after next; whether ``done`` was sent."""
+    chunk: list[bytes] = []
+    for event in events:
+        if event.id <= after:
+            continue
+        after = event.id
+        if not deltas and event.type == EventType.DELTA:
+            continue
+        chunk.append(_event_bytes(event))
+        if event.type == EventType.DONE:
+            return b"".join(chunk), after, True
+    return b"".join(chunk), after, False
 
 
 def _event_bytes(event: Event) -> bytes:
@@ -244,9 +236,9 @@ class _JobEventResponse(ServerSentEvent):
     """Litestar's SSE response (its head, and its place in the schema); the body is sent
     by :class:`_GuardedStreamingResponse`."""
 
-    def __init__(self, messages: JobEventStream, headers: dict[str, str]) -> None:
-        super().__init__(messages, headers=headers)
-        self.stream = messages
+    def __init__(self, stream: JobEventStream, headers: dict[str, str]) -> None:
+        super().__init__(stream.messages, headers=headers)
+        self.stream = stream
 
     def to_asgi_response(self, app: Any, request: Any, **kwargs: Any) -> _GuardedStreamingResponse:
         base = super().to_asgi_response(app, request, **kwargs)
@@ -294,12 +286,21 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
             await self.stream.aclose()
 
     async def _send_all(self, send: Send) -> None:
+        """Every chunk, then the end of the body. A failure of the stream (not of a send)
+        ends it cleanly: the client resumes with ``Last-Event-ID``. The generator is
+        iterated here, not through a wrapper, which would be one more coroutine per
+        event held by every waiting stream."""
         loop = asyncio.get_running_loop()
-        async for body in self.stream:
-            self.sending_since = loop.time()
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            self.sending_since = None
-            del body  # not held while the next events are awaited
+        try:
+            async for body in self.stream.messages:
+                self.sending_since = loop.time()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                self.sending_since = None
+                del body  # not held while the next events are awaited
+        except Exception as exc:
+            if self.sending_since is not None:
+                raise  # the send failed: the connection is gone
+            log.warning("sse_stream_ended", job_id=self.stream.job_id, reason="error", error=repr(exc))
         self.sending_since = loop.time()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.sending_since = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from pipeline.model import (
@@ -134,10 +134,15 @@ class JobStore(ABC):
         """Append an event; the store assigns the next id of this job atomically."""
         return await self._append_event(job_id, type, data)
 
-    async def read_events(self, job_id: str, after: int = 0, wait_s: float = 0.0) -> list[Event]:
+    def read_events(
+        self, job_id: str, after: int = 0, wait_s: float = 0.0
+    ) -> Coroutine[Any, Any, list[Event]]:
         """Events with ``id > after``, in order. When there are none, wait up to
-        ``wait_s`` for the next one (without a busy loop where the backend can)."""
-        return await self._read_events(job_id, after, max(0.0, wait_s))
+        ``wait_s`` for the next one (without a busy loop where the backend can).
+
+        Not a coroutine of its own: it hands back the backend's, so each of the
+        thousands of streams waiting here holds one coroutine less per wait."""
+        return self._read_events(job_id, after, max(0.0, wait_s))
 
     async def add_trace(self, job_id: str, record: TraceRecord) -> None:
         await self._add_trace(job_id, record)

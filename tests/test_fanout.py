@@ -164,6 +164,39 @@ def test_client_that_does_not_read_is_cut_off_and_resumes(web: Service) -> None:
     assert "warning" in line and job_id in line
 
 
+def test_stream_whose_store_fails_ends_cleanly_and_is_logged(tmp_path: Path) -> None:
+    """When Redis goes away under an open stream, the server ends the stream with the
+    chunked terminator after whole events (the client resumes with Last-Event-ID) and
+    logs it at warning level with the job id and the reason."""
+    server = RedisServer.start(persistent=False)
+    env = {**base_env(), **redis_backend_env(unique_prefix("gone")), "SUBMIT_RATE_PER_MIN": "0"}
+    env.update(REDIS_URL=server.url, SSE_HEARTBEAT_S="0.5")
+    service = _web_only(Service(backend="redis", env=env, log_dir=tmp_path))
+    try:
+        with running(service) as web:
+            job_id = _submit(web, 1)[0]
+
+            async def scenario() -> tuple[bytes, list[tuple[int, str]], bool]:
+                reader, writer = await _open_stream(web.port, job_id)
+                first = b""
+                while b"event: " not in first:  # whole chunks, up to the first with events
+                    size = int(await reader.readline(), 16)
+                    first += await reader.readexactly(size + 2)
+                server.close()
+                events, clean = await asyncio.wait_for(_events_until_end(reader), 30)
+                writer.close()
+                return first, events, clean
+
+            first, _, clean = asyncio.run(scenario())
+            log = (tmp_path / "web.log").read_text()
+    finally:
+        server.close()
+    assert b"id: 1" in first
+    assert clean, "the stream was cut, not ended"
+    line = next(x for x in log.splitlines() if "sse_stream_ended" in x)
+    assert "warning" in line and job_id in line and "error" in line
+
+
 def test_reader_survives_redis_restart_without_gap_or_duplicate() -> None:
     """Readers waiting through the shared reader while Redis restarts (twice) each
     see every event of their job once, in order, on one reader connection."""
