@@ -8,10 +8,12 @@ from typing import Any
 
 from adapters.constants import EVENTS_KEY
 from adapters.redis_autopipeline import AutoPipeline
-from adapters.redis_clients import RedisClients, bounded, lua_script
+from adapters.redis_clients import RedisClients, UnavailableOnFailure, bounded, lua_script
 from adapters.redis_codec import EVENT_SEQ_KEY, RedisKeys, parse_stream
 from adapters.redis_feed import READ_COUNT, RedisEventFeed
 from pipeline.model import JSON, Event
+
+_REDIS_UNAVAILABLE = UnavailableOnFailure("redis")
 
 
 class RedisEventLog:
@@ -43,12 +45,15 @@ class RedisEventLog:
         return Event(int(event_id), type, data)
 
     def read(self, job_id: str, after: int, wait_s: float) -> Coroutine[Any, Any, list[Event]]:
-        """The feed's read (it turns Redis failures into ``StoreUnavailable``)."""
+        """The feed's read (Redis failing raises ``StoreUnavailable``: see ``_read_now``)."""
         return self.feed.read(self._stream(job_id), after, wait_s)
 
     async def _read_now(self, key: str, after: int) -> list[Event]:
-        """A non-blocking XREAD, batched with whatever else this turn sends."""
-        reply: Any = await self._auto.submit("XREAD", "COUNT", READ_COUNT, "STREAMS", key, f"{after}-0")
+        """A non-blocking XREAD, batched with whatever else this turn sends. The feed's
+        one call to Redis on a reader's behalf: Redis failing raises ``StoreUnavailable``
+        here (a waiting read holds no ``with`` block while it waits)."""
+        with _REDIS_UNAVAILABLE:
+            reply: Any = await self._auto.submit("XREAD", "COUNT", READ_COUNT, "STREAMS", key, f"{after}-0")
         return parse_stream(reply)
 
     async def aclose(self) -> None:

@@ -53,7 +53,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.event_watch import EventWatch, ReadNow
-from adapters.redis_clients import UnavailableOnFailure, redis_client
+from adapters.redis_clients import redis_client
 from adapters.redis_codec import loads
 from pipeline.model import Event
 
@@ -75,7 +75,6 @@ SUBSCRIBE_BATCH = 1000
 RETRY_MAX_S = 2.0
 QUIET_READ_S = 5.0
 """A wait that times out on a job with no event for this long reads the job's log."""
-_REDIS_UNAVAILABLE = UnavailableOnFailure("redis")
 
 
 def published_event(data: bytes) -> Event:
@@ -280,30 +279,28 @@ class RedisEventFeed:
         return self._reader
 
     async def read(self, key: str, after: int, wait_s: float) -> list[Event]:
-        """Events of ``key`` after ``after``; when none, wait up to ``wait_s`` for the next.
-        Redis failing on the way raises ``StoreUnavailable``."""
-        with _REDIS_UNAVAILABLE:
-            watch = self._watches.get(key)
-            if watch is not None:
-                watch.used = time.monotonic()
-                ring = watch.since(after)
-                if ring:
-                    return ring
-                if ring is not None and watch.armed and wait_s > 0:
-                    return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
-            events = await self._read_now(key, after)
-            if events or wait_s <= 0:
-                return events
-            reader = self._reader_for(key)
-            watch = self._watches.get(key)
-            if watch is None:
-                # The log ends at ``after`` now: the watch starts there.
-                watch = self._watches[key] = EventWatch(after)
-                reader.subscribe(key)
-            if reader.task is None or reader.task.done():
-                reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
-                reader.task.add_done_callback(reader.ended)
-            return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
+        """Events of ``key`` after ``after``; when none, wait up to ``wait_s`` for the next."""
+        watch = self._watches.get(key)
+        if watch is not None:
+            watch.used = time.monotonic()
+            ring = watch.since(after)
+            if ring:
+                return ring
+            if ring is not None and watch.armed and wait_s > 0:
+                return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
+        events = await self._read_now(key, after)
+        if events or wait_s <= 0:
+            return events
+        reader = self._reader_for(key)
+        watch = self._watches.get(key)
+        if watch is None:
+            # The log ends at ``after`` now: the watch starts there.
+            watch = self._watches[key] = EventWatch(after)
+            reader.subscribe(key)
+        if reader.task is None or reader.task.done():
+            reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
+            reader.task.add_done_callback(reader.ended)
+        return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
 
     async def aclose(self) -> None:
         task = self._reader.task

@@ -126,7 +126,9 @@ async def job_events(
             quiet, beat_after = after == beat_after, after
             # The job's status at a heartbeat is loaded once for all its streams here.
             shared = _shared_loads.loader(job_id, load_job, heartbeat_s / 2)
-            if quiet and await _finished_without_done(store, job_id, after, shared):
+            finished = quiet and await _finished_without_done(store, job_id, after, shared)
+            del shared  # a closure per beat, not held (with its cells) while the stream waits
+            if finished:
                 if ended_seen:
                     # The log lost its tail (expired or never written): close rather
                     # than leave the client waiting forever. (Two heartbeats in a row: a
