@@ -446,7 +446,7 @@ def table(
     ]
     for n, name, r in rows:
         ratios = []
-        tag = name.removeprefix("jobq serve") if name.startswith("jobq") else ""
+        tag = name[name.index(",") :] if "," in name else ""
         for base in (floors.get(n), loaded.get((n, tag))):
             ratios.append("" if name.startswith("floor") or base is None else f"{r['p99'] / base['p99']:.2f}")
         lines.append(_row(n, name, r, " | ".join(ratios)))
@@ -538,10 +538,10 @@ async def main(args: argparse.Namespace) -> None:
         jobq = await jobq_run(n, logs, args.latency_ms, arrivals, args.tree)
         print(f"jobq N={n}{tag}: { {k: v for k, v in jobq.items() if k != 'schedule'} }", flush=True)
         rows.append((n, f"jobq serve{tag}", jobq))
-        if args.before and n == args.before_n and not tag:
+        if args.before and n == args.before_n:
             before = await jobq_run(n, logs, args.latency_ms, arrivals, args.before)
-            print(f"before N={n}: { {k: v for k, v in before.items() if k != 'schedule'} }", flush=True)
-            rows.append((n, "before", before))
+            print(f"before N={n}{tag}: { {k: v for k, v in before.items() if k != 'schedule'} }", flush=True)
+            rows.append((n, f"before{tag}", before))
         if args.no_floor:
             continue
         events = max(1, round(jobq["events"] / max(1, jobq["n"])) - 1)
