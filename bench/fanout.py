@@ -426,7 +426,7 @@ def _row(n: int, name: str, r: dict[str, Any], ratios: str) -> str:
     conns = "-" if r.get("conns") is None else str(r["conns"])
     return (
         f"| {n} | {name} | {r['done']}/{r['n']} | {sum(r['cuts'].values())} | "
-        f"{r['p50']:.0f} | {r['p99']:.0f} | "
+        f"{r['p50']:.1f} | {r['p99']:.1f} | "
         f"{ratios} | {conns} | {r['rss_mib']:.0f} ({r['rss_per_stream_kib']:.1f}) | "
         f"{r['cpu_s']:.0f} ({r['cpu_pct']:.0f}%) |"
     )
