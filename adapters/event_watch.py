@@ -52,12 +52,11 @@ class EventWatch:
             self.cursor = event.id
             moved = True
         self.trim(now)
-        if moved and self.waiters:
+        if moved:
+            self.moved = now
             for waiter in self.waiters:  # woken later, by the loop: none is added meanwhile
                 _wake(waiter)
             self.waiters.clear()
-        if moved:
-            self.moved = now
 
     def trim(self, now: float) -> None:
         """Drop events beyond ``RING`` or older than ``RING_AGE_S``."""

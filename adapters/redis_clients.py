@@ -189,9 +189,13 @@ class UnavailableOnFailure:
             raise StoreUnavailable(f"{self.what}: {exc}") from exc
 
 
+REDIS_UNAVAILABLE = UnavailableOnFailure("redis")
+"""Redis failures within ``OP_TIMEOUT_S`` as ``StoreUnavailable``, for every hot path."""
+
+
 @contextlib.asynccontextmanager
 async def bounded(what: str, timeout_s: float = OP_TIMEOUT_S) -> AsyncIterator[None]:
-    """Bound an operation in time; errors as in :func:`unavailable_on_failure`."""
+    """Bound an operation in time; errors as in :class:`UnavailableOnFailure`."""
     with UnavailableOnFailure(what, timeout_s):
         async with asyncio.timeout(timeout_s):
             yield

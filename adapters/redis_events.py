@@ -8,12 +8,10 @@ from typing import Any
 
 from adapters.constants import EVENTS_KEY
 from adapters.redis_autopipeline import AutoPipeline
-from adapters.redis_clients import RedisClients, UnavailableOnFailure, bounded, lua_script
+from adapters.redis_clients import REDIS_UNAVAILABLE, RedisClients, bounded, lua_script
 from adapters.redis_codec import EVENT_SEQ_KEY, RedisKeys, parse_stream
 from adapters.redis_feed import READ_COUNT, RedisEventFeed
 from pipeline.model import JSON, Event
-
-_REDIS_UNAVAILABLE = UnavailableOnFailure("redis")
 
 
 class RedisEventLog:
@@ -52,7 +50,7 @@ class RedisEventLog:
         """A non-blocking XREAD, batched with whatever else this turn sends. The feed's
         one call to Redis on a reader's behalf: Redis failing raises ``StoreUnavailable``
         here (a waiting read holds no ``with`` block while it waits)."""
-        with _REDIS_UNAVAILABLE:
+        with REDIS_UNAVAILABLE:
             reply: Any = await self._auto.submit("XREAD", "COUNT", READ_COUNT, "STREAMS", key, f"{after}-0")
         return parse_stream(reply)
 

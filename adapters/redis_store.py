@@ -55,9 +55,8 @@ from adapters.constants import (
 from adapters.redis_autopipeline import AutoPipeline
 from adapters.redis_clients import (
     MAX_CONNECTIONS,
-    OP_TIMEOUT_S,
+    REDIS_UNAVAILABLE,
     RedisClients,
-    UnavailableOnFailure,
     bounded,
     lua_script,
 )
@@ -121,12 +120,12 @@ class RedisStore(JobStore):
         """One command through the auto-pipeline, which bounds it in time already (a
         batch ahead of it, then its own batch: ``OP_TIMEOUT_S`` each), so it needs no
         timeout scope of its own (the hot path: reads and commits of running jobs)."""
-        with UnavailableOnFailure("redis", OP_TIMEOUT_S):
+        with REDIS_UNAVAILABLE:
             return await self._auto.submit(*args)
 
     async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """``script`` through the auto-pipeline, errors as in :meth:`_call`."""
-        with UnavailableOnFailure("redis", OP_TIMEOUT_S):
+        with REDIS_UNAVAILABLE:
             return await self._auto.eval(script, keys, args)
 
     # -- lifecycle ----------------------------------------------------------
