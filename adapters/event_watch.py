@@ -4,6 +4,7 @@ redis feed (one reader for all jobs) and the S3 feed (one poller per job)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 
@@ -103,7 +104,7 @@ class EventWatch:
                     return events
                 waiter = loop.create_future()
                 self.waiters.append(waiter)
-                timer = loop.call_at(deadline, _wake, waiter)
+                timer = loop.call_at(deadline, _wake, waiter, context=_NO_CONTEXT)
                 try:
                     await waiter
                 finally:
@@ -112,6 +113,11 @@ class EventWatch:
                         self.waiters.remove(waiter)
         finally:
             self.used = time.monotonic()
+
+
+_NO_CONTEXT = contextvars.Context()
+"""The context the wait's timer runs ``_wake`` in (it reads no context variable): one
+for every timer, rather than a copy of the waiting task's context per wait."""
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
