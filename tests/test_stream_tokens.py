@@ -30,6 +30,22 @@ def test_a_token_is_worthless_for_another_job_secret_or_tenant() -> None:
     assert TOKENS.verify(f"{later}.{token.split('.', 1)[1]}", "job-1", now=NOW) is None
 
 
+def test_only_the_token_as_issued_passes() -> None:
+    """A token whose text differs from the issued one is refused, even where base64
+    would decode both to the same bytes (the spare bits of a last character)."""
+    token = TOKENS.issue("job-1", "alice", now=NOW)
+    expires, tenant, signature = token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    spare = alphabet[alphabet.index(signature[-1]) ^ 1]  # differs in a bit that carries nothing
+    assert spare != signature[-1]
+    for altered in (
+        f"{expires}.{tenant}.{signature[:-1]}{spare}",
+        f"0{expires}.{tenant}.{signature}",
+        f"{expires}.{tenant}.{signature}=",
+    ):
+        assert TOKENS.verify(altered, "job-1", now=NOW) is None, altered
+
+
 @pytest.mark.parametrize(
     "token",
     ["", "x", "1.2", "1.2.3.4", "abc.YWxpY2U.sig", "1" * 20 + ".YWxpY2U.c2ln", "1.!!!.???", "١٢.YQ.YQ"],
