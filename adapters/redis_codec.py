@@ -81,6 +81,16 @@ def dumps(value: Any) -> bytes:
 loads = msgspec.json.Decoder().decode
 
 
+def loads_event_data(payload: bytes) -> Any:
+    """An event's stored data: msgspec's decoder, falling back to ``json.loads`` for what
+    ``json.dumps`` writes and strict JSON has not (``NaN``, ``Infinity``, a number beyond
+    a double; an older writer used it), so every payload decodes as ``json.loads`` would."""
+    try:
+        return loads(payload)
+    except msgspec.DecodeError:  # ValidationError (a number out of range) included
+        return json.loads(payload)
+
+
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -112,7 +122,7 @@ def parse_stream(reply: Any) -> list[Event]:
     for _stream, entries in reply or []:
         for entry_id, fields in entries:
             number = int(text(entry_id).split("-", 1)[0])
-            events.append(Event(number, fields[b"type"].decode(), json.loads(fields[b"data"])))
+            events.append(Event(number, fields[b"type"].decode(), loads_event_data(fields[b"data"])))
     return events
 
 

@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.connection import AbstractConnection
@@ -54,7 +52,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters.event_watch import EventWatch, ReadNow
 from adapters.redis_clients import redis_client
-from adapters.redis_codec import loads
+from adapters.redis_codec import loads_event_data
 from pipeline.model import Event
 
 log = structlog.get_logger("jobq.redis_feed")
@@ -78,14 +76,9 @@ QUIET_READ_S = 5.0
 
 
 def published_event(data: bytes) -> Event:
-    """An event as the store's scripts publish it: ``<n> <type> <data JSON>``. The data
-    was written by ``json.dumps``, which may write what strict JSON has not (``NaN``)."""
+    """An event as the store's scripts publish it: ``<n> <type> <data JSON>``."""
     number, type, payload = data.split(b" ", 2)
-    try:
-        value = loads(payload)
-    except msgspec.DecodeError:
-        value = json.loads(payload)
-    return Event(int(number), type.decode(), value)
+    return Event(int(number), type.decode(), loads_event_data(payload))
 
 
 class _Subscriber:

@@ -16,7 +16,7 @@ only the chunk framing and the ``id:``/``event:`` lines). Per N:
   stream as it arrives (ids are consecutive per job, so the n-th ``xadd`` of a job
   is event n);
 - Redis connections held by the web process (its TCP sockets to Redis's port, read
-  from ``/proc``; the maximum of 1 s samples), its RSS (peak, and peak minus the RSS
+  from ``/proc``; the maximum of samples 5 s apart), its RSS (peak of 1 s samples, and peak minus the RSS
   before the streams opened, per stream) and its CPU (seconds, % of one core);
 - the floor in the same run: a bare Litestar SSE endpoint under the same uvicorn
   settings as ``jobq serve``, sending each stream the same number of events over the
@@ -181,6 +181,12 @@ class Load:
             offsets = sorted(random.uniform(0, SPREAD_S) for _ in range(self.n))
         return await submit_at(self.server.url, PREFIX, list(zip(offsets, counts, strict=True)))
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds the worker and Redis have used so far (they share the machine's
+        cores with the web process)."""
+        assert self.server.process is not None
+        return {"worker": cpu_s(self.worker.pid), "redis": cpu_s(self.server.process.pid)}
+
     def stop(self) -> None:
         self.worker.stop()
         self.server.close()
@@ -207,15 +213,19 @@ async def jobq_run(
         rss_before = rss_kib(web.pid)
         sampler = Sampler(web.pid, load.server.port, redis=probe.redis).start()
         ids = await load.submit()
-        cpu_before, began = cpu_s(web.pid), time.monotonic()
+        cpu_before, began, own_before = cpu_s(web.pid), time.monotonic(), time.process_time()
+        beside_before = load.cpu_s()
         result = await run_client(
             logs, f"fanout-jobq-{label}", port, [f"/api/jobs/{i}/stream" for i in ids], False, 900
         )
         wall = time.monotonic() - began
         cpu = cpu_s(web.pid) - cpu_before
         sampler.stop()
-        summary = summarize(result, probe.times)
-        writes = [[job, event_id, at] for (job, event_id), at in probe.times.items()]
+        own_cpu = time.process_time() - own_before
+        beside = {name: used - beside_before[name] for name, used in load.cpu_s().items()}
+        times = probe.times
+        summary = summarize(result, times)
+        writes = [[job, event_id, at] for (job, event_id), at in times.items()]
         (logs / f"fanout-jobq-{label}-writes.json").write_text(json.dumps(writes))
         summary.update(
             conns=sampler.conns,
@@ -227,7 +237,9 @@ async def jobq_run(
             web_warnings=_warnings(web.log),
             conns_series=sampler.series,
             redis_clients_all=sampler.clients_peak,
-            schedule=schedule(result, probe.times),
+            schedule=schedule(result, times),
+            bench_cpu_s=own_cpu,
+            beside_cpu_s=beside,
         )
         return summary
     finally:
@@ -279,6 +291,7 @@ async def floor_run(
             await load.submit()
         sampler = Sampler(app.pid, None).start()
         cpu_before, began = cpu_s(app.pid), time.monotonic()
+        beside_before = load.cpu_s() if load is not None else {}
         if loaded is None:
             paths = [f"/s/{i}?events={events}&interval={interval:.3f}" for i in range(n)]
         else:
@@ -290,6 +303,7 @@ async def floor_run(
         result = await run_client(logs, name, port, paths, True, 900)
         wall = time.monotonic() - began
         cpu = cpu_s(app.pid) - cpu_before
+        beside = {} if load is None else {k: v - beside_before[k] for k, v in load.cpu_s().items()}
         sampler.stop()
         summary = summarize(result, None)
         summary.update(
@@ -298,6 +312,7 @@ async def floor_run(
             rss_per_stream_kib=(sampler.rss_peak - rss_before) / n,
             cpu_s=cpu,
             cpu_pct=100 * cpu / wall,
+            beside_cpu_s=beside,
             wall_s=wall,
         )
         return summary
@@ -463,8 +478,10 @@ def table(
             f"- N={n} {name}: lag samples {r['lag_n']}, cuts {r['cuts'] or 'none'}, client CPU "
             f"{r['client_cpu_s']:.0f} s, run {r['wall_s']:.0f} s"
             + (f", web log warning/error lines {r['web_warnings']}" if "web_warnings" in r else "")
+            + (f", write probe and meters CPU {r['bench_cpu_s']:.1f} s" if "bench_cpu_s" in r else "")
+            + "".join(f", {name} CPU {used:.1f} s" for name, used in r.get("beside_cpu_s", {}).items())
             + (
-                f", Redis clients in all (CLIENT LIST) {r['redis_clients_all']}"
+                f", Redis clients in all (INFO clients) {r['redis_clients_all']}"
                 if "redis_clients_all" in r
                 else ""
             )

@@ -6,6 +6,7 @@ meters and the write-time probe, and the counting proxy in front of moto."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -186,14 +187,14 @@ def tcp_to_port(pid: int, port: int) -> int:
         if link.startswith("socket:["):
             inodes.add(link[8:-1])
     count = 0
+    remote = f":{port:04X} 01 "  # the remote address's port, then the state ESTABLISHED
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            parts = line.split()
-            if parts[3] == "01" and int(parts[2].rsplit(":", 1)[1], 16) == port and parts[9] in inodes:
+            if remote in line and line.split()[9] in inodes:
                 count += 1
     return count
 
@@ -207,18 +208,30 @@ class Sampler:
     series: list[int] = field(default_factory=list)
     redis: Any = None
     clients_peak: int = 0
-    """Every client connected to Redis (CLIENT LIST), web, worker and this bench."""
+    """Every client connected to Redis (``INFO clients``), web, worker and this bench."""
     task: asyncio.Task[None] | None = None
 
+    CONNS_EVERY = 5
+    """Connections are counted every this many RSS samples (1 s apart): the kernel
+    writes out every TCP socket of the machine for each count (``/proc/net/tcp``, some
+    6,000 at 2,000 streams), CPU taken from the web process being measured."""
+
     async def run(self) -> None:
-        while True:
+        for tick in itertools.count():
             self.rss_peak = max(self.rss_peak, rss_kib(self.pid))
-            if self.redis_port is not None:
-                self.series.append(tcp_to_port(self.pid, self.redis_port))
-                self.conns = max(self.conns, self.series[-1])
-            if self.redis is not None:
-                self.clients_peak = max(self.clients_peak, len(await self.redis.client_list()))
+            if tick % self.CONNS_EVERY == 0:
+                await self._count_connections()
             await asyncio.sleep(1.0)
+
+    async def _count_connections(self) -> None:
+        if self.redis_port is not None:
+            self.series.append(tcp_to_port(self.pid, self.redis_port))
+            self.conns = max(self.conns, self.series[-1])
+        if self.redis is not None:
+            # Not CLIENT LIST: with thousands of clients it blocks Redis, and parsing its
+            # reply here takes CPU from the web process being measured.
+            clients = (await self.redis.info("clients"))["connected_clients"]
+            self.clients_peak = max(self.clients_peak, clients)
 
     def start(self) -> Sampler:
         self.task = asyncio.ensure_future(self.run())
@@ -230,35 +243,67 @@ class Sampler:
 
 
 class WriteProbe:
-    """Stamps every XADD on a job's event stream as Redis announces it."""
+    """Stamps every XADD on a job's event stream as Redis announces it (keyspace
+    notifications). The notifications are read off a raw socket and matched with one
+    regular expression per received chunk, every message of a chunk stamped with the
+    chunk's arrival: the probe shares the machine's cores with the web process it
+    measures, and a full client parsing tens of thousands of messages in the same
+    bursts as the web process would take CPU from it exactly then."""
+
+    MESSAGE = re.compile(
+        rb"\*4\r\n\$8\r\npmessage\r\n"  # RESP2: [pmessage, pattern, channel, event]
+        rb"\$\d+\r\n[^\r]*\r\n\$\d+\r\n([^\r]*)\r\n\$\d+\r\n([^\r]*)\r\n"
+    )
 
     def __init__(self, url: str) -> None:
         from redis.asyncio import Redis
 
+        self.url = url
         self.redis = Redis.from_url(url)
-        self.counts: dict[str, int] = defaultdict(int)
-        self.times: dict[tuple[str, int], float] = {}
+        self.counts: dict[bytes, int] = defaultdict(int)
+        self.stamps: dict[tuple[bytes, int], float] = {}
+        self.writer: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def times(self) -> dict[tuple[str, int], float]:
+        """Write time (epoch s) of each (job id, event id)."""
+        return {(job.decode(), n): at for (job, n), at in self.stamps.items()}
+
     async def start(self) -> None:
+        from urllib.parse import urlparse
+
         await self.redis.config_set("notify-keyspace-events", "Kt")
-        pubsub = self.redis.pubsub()
-        marker = f"__keyspace@0__:{PREFIX}:events:"
-        await pubsub.psubscribe(marker + "*")
+        marker = f"__keyspace@0__:{PREFIX}:events:".encode()
+        where = urlparse(self.url)
+        reader, self.writer = await asyncio.open_connection(where.hostname, where.port)
+        pattern = marker + b"*"
+        self.writer.write(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(pattern), pattern))
+        confirmed = await reader.readuntil(pattern + b"\r\n:1\r\n")
+        assert b"psubscribe" in confirmed
 
         async def listen() -> None:
-            async for message in pubsub.listen():
-                if message["type"] != "pmessage" or message["data"] != b"xadd":
-                    continue
-                job = message["channel"].decode()[len(marker) :]
-                self.counts[job] += 1
-                self.times[(job, self.counts[job])] = time.time()
+            pending = b""
+            while chunk := await reader.read(1 << 20):
+                at = time.time()
+                pending += chunk
+                end = 0
+                for match in self.MESSAGE.finditer(pending):
+                    end = match.end()
+                    channel, event = match.groups()
+                    if event == b"xadd" and channel.startswith(marker):
+                        job = channel[len(marker) :]
+                        self.counts[job] += 1
+                        self.stamps[(job, self.counts[job])] = at
+                pending = pending[end:]
 
         self.task = asyncio.ensure_future(listen())
 
     async def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        if self.writer is not None:
+            self.writer.close()
         await self.redis.aclose()
 
 

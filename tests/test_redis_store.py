@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -146,6 +147,33 @@ async def test_waiting_read_is_subscribed_in_redis_and_woken_by_another_client(
     events = await asyncio.wait_for(reader, 10)
     await writer.close()
     assert [(e.id, e.type, e.data) for e in events] == [(2, "done", {"status": "completed"})]
+
+
+async def test_event_data_an_older_writer_wrote_reads_back_as_json_loads_reads_it(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    """Event data written by ``json.dumps`` (NaN, Infinity, 1e400, huge integers) reads back
+    from the log and from the channel as ``json.loads`` reads it, not as an error."""
+    written = '{"nan": NaN, "inf": Infinity, "big": 1e400, "huge": 123456789012345678901234567890}'
+    job, _ = await store.create(_job())
+    await store.append_event(job.id, "status", {"n": 1})
+    key = f"{store.prefix}:events:{job.id}"
+    waiting = asyncio.create_task(store.read_events(job.id, after=1, wait_s=30))
+    for _ in range(200):
+        if dict(await raw.pubsub_numsub(key)).get(key.encode(), 0):
+            break
+        await asyncio.sleep(0.01)
+    await raw.xadd(key, {"type": "status", "data": written}, id="2-0")
+    await raw.publish(key, f"2 status {written}")
+    published = await asyncio.wait_for(waiting, 10)
+    logged = await store.read_events(job.id, after=1)
+    for events in (published, logged):
+        assert [(e.id, e.type) for e in events] == [(2, "status")]
+        data = events[0].data
+        assert isinstance(data, dict)
+        assert math.isnan(data["nan"])
+        assert data["inf"] == data["big"] == math.inf
+        assert data["huge"] == 123456789012345678901234567890
 
 
 async def test_read_with_nothing_new_returns_empty_after_the_wait(store: RedisStore) -> None:
