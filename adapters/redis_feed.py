@@ -64,6 +64,8 @@ LINGER_S = 5.0
 within the time it takes to send what it just got)."""
 PRUNE_S = 0.5
 """How often the subscriber drops stale watches and old ring entries."""
+PRUNE_SLICE = 200
+"""Watches pruned per turn of the event loop."""
 PING_S = 5.0
 """A quiet subscriber PINGs Redis this often."""
 DEAD_S = 15.0
@@ -229,14 +231,26 @@ class _Subscriber:
             sending.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _prune(self, now: float) -> None:
+        """Drop stale watches and old ring entries, ``PRUNE_SLICE`` watches per turn of
+        the loop: one pass over thousands of watches would hold up every stream's next
+        event for as long. A slice's stale keys are unsubscribed before the loop turns,
+        so a watch made again for one of them subscribes after it."""
         stale_before = now - LINGER_S
-        stale = [key for key, watch in self.watches.items() if watch.idle_since(stale_before)]
-        for key in stale:
-            del self.watches[key]
-        for watch in self.watches.values():
-            watch.trim(now)
-        if stale:
-            await self._send("UNSUBSCRIBE", *stale)
+        watches = list(self.watches.items())
+        for start in range(0, len(watches), PRUNE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            now = time.monotonic()
+            stale = []
+            for key, watch in watches[start : start + PRUNE_SLICE]:
+                if watch.idle_since(stale_before):
+                    if self.watches.get(key) is watch:
+                        del self.watches[key]
+                        stale.append(key)
+                elif watch.ring:
+                    watch.trim(now)
+            if stale:
+                await self._send("UNSUBSCRIBE", *stale)
 
     def ended(self, task: asyncio.Task[None]) -> None:
         """The task ended (closed, or a bug): no watch is covered until it runs again."""

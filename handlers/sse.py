@@ -26,7 +26,6 @@ from typing import Any
 
 import msgspec
 import structlog
-from anyio import CancelScope, create_task_group
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
@@ -256,9 +255,13 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
     ``stall_s`` (uvicorn waits in ``send`` while its write buffer is above the
     high-water mark) ends the stream, logged with the job id. The connection is then
     closed after what is already buffered, so the client sees whole events and
-    resumes after the last one it got."""
+    resumes after the last one it got.
 
-    __slots__ = ("scope", "sending_since", "stalled", "stream")
+    The request's task sends the stream; one more task waits for the client to leave
+    and then cancels it. Plain asyncio rather than Litestar's anyio task group, whose
+    cancel scope formats a task's repr at every stream's end."""
+
+    __slots__ = ("cut", "finished", "sending_since", "stalled", "stream", "task")
 
     def __init__(self, base: ASGIStreamingResponse, stream: JobEventStream) -> None:
         for name in _slots(type(base)):
@@ -268,24 +271,46 @@ class _GuardedStreamingResponse(ASGIStreamingResponse):
         self.sending_since: float | None = None
         """When the send under way began (loop time); None between sends."""
         self.stalled = False
-        self.scope: CancelScope | None = None
+        self.cut = False
+        """Set when this response cancelled its own task (client gone, or not reading)."""
+        self.finished = False
+        self.task: asyncio.Task[Any] | None = None
 
     async def send_body(self, send: Send, receive: Receive) -> None:
+        self.task = task = asyncio.current_task()
+        assert task is not None
+        listener = asyncio.get_running_loop().create_task(self._cancel_when_gone(receive))
         watch = _StallWatch.of_running_loop()
-        async with create_task_group() as task_group:
-            self.scope = task_group.cancel_scope
-            watch.add(self)
-            try:
-                task_group.start_soon(self._send_all, send)
-                await self._listen_for_disconnect(cancel_scope=task_group.cancel_scope, receive=receive)
-            finally:
-                watch.discard(self)
+        watch.add(self)
+        try:
+            await self._send_all(send)
+        except asyncio.CancelledError:
+            if not self.cut or task.uncancel() > 0:
+                raise  # cancelled from outside (the server shutting down)
+        finally:
+            self.finished = True
+            watch.discard(self)
+            listener.cancel()
         if self.stalled:
             stall_s = self.stream.stall_s
             log.warning(
                 "sse_stream_ended", job_id=self.stream.job_id, reason="client_not_reading", stall_s=stall_s
             )
             await self.stream.aclose()
+
+    def cut_off(self) -> None:
+        """End the stream now: its task stops where it waits, and the body stays open-ended
+        (uvicorn closes the connection)."""
+        if not self.finished and not self.cut and self.task is not None:
+            self.cut = True
+            self.task.cancel()
+
+    async def _cancel_when_gone(self, receive: Receive) -> None:
+        """Wait for the client to leave (uvicorn reports ``http.disconnect``, which it also
+        reports once the body is complete) and cut the stream off if it is still going."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.cut_off()
 
     async def _send_all(self, send: Send) -> None:
         """Every chunk, then the end of the body. A failure of the stream (not of a send)
@@ -315,6 +340,7 @@ class _StallWatch:
     ``CHECK_S`` instead of a timer per send."""
 
     CHECK_S = 0.5
+    SLICE = 500
     _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _StallWatch] = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
@@ -338,16 +364,22 @@ class _StallWatch:
         self.responses.discard(response)
 
     async def _run(self) -> None:
+        """Checks ``SLICE`` streams per turn of the loop: one pass over thousands would
+        hold up every stream's next event for as long."""
         loop = asyncio.get_running_loop()
         while self.responses:
             await asyncio.sleep(self.CHECK_S)
-            now = loop.time()
-            for response in list(self.responses):
-                since = response.sending_since
-                if since is not None and now - since > response.stream.stall_s and response.scope:
-                    response.stalled = True
-                    response.scope.cancel()  # ends the response: the connection is closed
-                    self.responses.discard(response)
+            responses = list(self.responses)
+            for start in range(0, len(responses), self.SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                now = loop.time()
+                for response in responses[start : start + self.SLICE]:
+                    since = response.sending_since
+                    if since is not None and now - since > response.stream.stall_s:
+                        response.stalled = True
+                        response.cut_off()  # ends the response: the connection is closed
+                        self.responses.discard(response)
 
 
 def _slots(cls: type) -> Iterable[str]:

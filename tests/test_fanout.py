@@ -164,6 +164,36 @@ def test_client_that_does_not_read_is_cut_off_and_resumes(web: Service) -> None:
     assert "warning" in line and job_id in line
 
 
+def test_client_that_leaves_mid_stream_frees_its_watch(web: Service) -> None:
+    """A client that closes its connection mid-stream ends the server's stream: once the
+    watch's linger passes, the web process unsubscribes the job's channel in Redis."""
+    job_id = _submit(web, 1)[0]
+    channel = f"{web.env['JOBS_KEY_PREFIX']}:events:{job_id}"
+
+    async def subscribers(redis: Redis) -> int:
+        return int(dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0))
+
+    async def scenario() -> tuple[int, int]:
+        redis = Redis.from_url(web.env["REDIS_URL"])
+        try:
+            reader, writer = await _open_stream(web.port, job_id)
+            deadline = time.monotonic() + 10
+            while not await subscribers(redis) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            watching = await subscribers(redis)
+            writer.close()
+            deadline = time.monotonic() + redis_feed.LINGER_S + 10
+            while await subscribers(redis) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            return watching, await subscribers(redis)
+        finally:
+            await redis.aclose()
+
+    watching, after = asyncio.run(scenario())
+    assert watching == 1
+    assert after == 0, "the stream of a client that left still waits on its job"
+
+
 def test_stream_whose_store_fails_ends_cleanly_and_is_logged(tmp_path: Path) -> None:
     """When Redis goes away under an open stream, the server ends the stream with the
     chunked terminator after whole events (the client resumes with Last-Event-ID) and
