@@ -170,22 +170,22 @@ def test_client_that_leaves_mid_stream_frees_its_watch(web: Service) -> None:
     job_id = _submit(web, 1)[0]
     channel = f"{web.env['JOBS_KEY_PREFIX']}:events:{job_id}"
 
-    async def subscribers(redis: Redis) -> int:
-        return int(dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0))
+    async def subscribers_once(redis: Redis, want: int, within_s: float) -> int:
+        """The channel's subscriber count once it is ``want``, or after ``within_s``."""
+        for _ in range(int(within_s / 0.1)):
+            count = int(dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0))
+            if count == want:
+                break
+            await asyncio.sleep(0.1)
+        return count
 
     async def scenario() -> tuple[int, int]:
         redis = Redis.from_url(web.env["REDIS_URL"])
         try:
-            reader, writer = await _open_stream(web.port, job_id)
-            deadline = time.monotonic() + 10
-            while not await subscribers(redis) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            watching = await subscribers(redis)
+            _, writer = await _open_stream(web.port, job_id)
+            watching = await subscribers_once(redis, 1, 10)
             writer.close()
-            deadline = time.monotonic() + redis_feed.LINGER_S + 10
-            while await subscribers(redis) and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
-            return watching, await subscribers(redis)
+            return watching, await subscribers_once(redis, 0, redis_feed.LINGER_S + 10)
         finally:
             await redis.aclose()
 
