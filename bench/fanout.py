@@ -49,6 +49,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -437,34 +438,58 @@ async def _submit_aws(env: dict[str, str], count: int) -> list[str]:
 # -- report -----------------------------------------------------------------------------
 
 
-def _row(n: int, name: str, r: dict[str, Any], ratios: str) -> str:
-    conns = "-" if r.get("conns") is None else str(r["conns"])
+def _runs(values: list[float], digits: int = 2) -> str:
+    """The median, then every run's value in run order when there are several."""
+    middle = f"{statistics.median(values):.{digits}f}"
+    return middle if len(values) == 1 else f"{middle} ({' / '.join(f'{v:.{digits}f}' for v in values)})"
+
+
+def _row(n: int, name: str, runs: list[dict[str, Any]], ratios: str) -> str:
+    conns = [r["conns"] for r in runs if r.get("conns") is not None]
+    rss = statistics.median(r["rss_mib"] for r in runs)
+    per_stream = statistics.median(r["rss_per_stream_kib"] for r in runs)
+    cpu = statistics.median(r["cpu_s"] for r in runs)
+    cpu_pct = statistics.median(r["cpu_pct"] for r in runs)
+    p99 = [r["p99"] for r in runs]
     return (
-        f"| {n} | {name} | {r['done']}/{r['n']} | {sum(r['cuts'].values())} | "
-        f"{r['p50']:.1f} | {r['p99']:.1f} | "
-        f"{ratios} | {conns} | {r['rss_mib']:.0f} ({r['rss_per_stream_kib']:.1f}) | "
-        f"{r['cpu_s']:.0f} ({r['cpu_pct']:.0f}%) |"
+        f"| {n} | {name} | {sum(r['done'] for r in runs)}/{sum(r['n'] for r in runs)} | "
+        f"{sum(sum(r['cuts'].values()) for r in runs)} | "
+        f"{statistics.median(r['p50'] for r in runs):.1f} | {_runs(p99, 1)} | "
+        f"{ratios} | {max(conns) if conns else '-'} | {rss:.0f} ({per_stream:.1f}) | "
+        f"{cpu:.0f} ({cpu_pct:.0f}%) |"
     )
 
 
 def table(
     rows: list[tuple[int, str, dict[str, Any]]], aws: dict[str, Any] | None, meta: dict[str, Any]
 ) -> str:
-    floors = {n: r for n, name, r in rows if name == "floor"}
+    """One line per N and server: medians over the runs; the ratios are taken run by
+    run (each against the floor of the same run) and shown as their median."""
+    grouped: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for n, name, r in rows:
+        grouped[(n, name)].append(r)
+    floors = {(n, r["rep"]): r for n, name, r in rows if name == "floor"}
     loaded = {
-        (n, name.removeprefix("floor under load")): r for n, name, r in rows if name.startswith("floor under")
+        (n, name.removeprefix("floor under load"), r["rep"]): r
+        for n, name, r in rows
+        if name.startswith("floor under")
     }
     lines = [
-        "| N | server | reached `done` | cut | lag p50 ms | lag p99 ms | p99 / floor "
+        "| N | server | reached `done` (all runs) | cut | lag p50 ms | lag p99 ms | p99 / floor "
         "| p99 / floor under load | Redis conns (web) | RSS MiB (per stream KiB) | web CPU s (% core) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, name, r in rows:
+    for (n, name), runs in grouped.items():
         ratios = []
         tag = name[name.index(",") :] if "," in name else ""
-        for base in (floors.get(n), loaded.get((n, tag))):
-            ratios.append("" if name.startswith("floor") or base is None else f"{r['p99'] / base['p99']:.2f}")
-        lines.append(_row(n, name, r, " | ".join(ratios)))
+        for bases in (
+            [floors.get((n, r["rep"])) for r in runs],
+            [loaded.get((n, tag, r["rep"])) for r in runs],
+        ):
+            pairs = [(r["p99"], base["p99"]) for r, base in zip(runs, bases, strict=True) if base]
+            shown = not name.startswith("floor") and pairs
+            ratios.append(_runs([mine / base for mine, base in pairs]) if shown else "")
+        lines.append(_row(n, name, runs, " | ".join(ratios)))
     text = "\n".join(lines) + "\n\n"
     text += (
         "Today, from the issue (before this change): 500 streams: 1,165 Redis connections in all, p99 "
@@ -475,7 +500,8 @@ def table(
     )
     for n, name, r in rows:
         text += (
-            f"- N={n} {name}: lag samples {r['lag_n']}, cuts {r['cuts'] or 'none'}, client CPU "
+            f"- run {r['rep']}, N={n} {name}: p99 {r['p99']:.1f} ms, lag samples {r['lag_n']}, "
+            f"cuts {r['cuts'] or 'none'}, client CPU "
             f"{r['client_cpu_s']:.0f} s, run {r['wall_s']:.0f} s"
             + (f", web log warning/error lines {r['web_warnings']}" if "web_warnings" in r else "")
             + (f", write probe and meters CPU {r['bench_cpu_s']:.1f} s" if "bench_cpu_s" in r else "")
@@ -511,6 +537,9 @@ def table(
         "else running. Floor under load: the same app while the same worker runs N jobs on its own Redis "
         "beside it, each stream's events sent at the times the jobq run's were written (the same "
         "bursts); its lag counts from those planned times, the bare floor's from the app's send time. "
+        f"Runs: {meta['repeat']} of every row, interleaved (run 1 of every row, then run 2, ...); a "
+        "line shows the median over its runs, the runs' values in brackets, in run order; a ratio is "
+        "taken within a run (against the floor of the same run). "
         "Machine: 2 cores shared "
         f"with other sessions; load average before {meta['load_before']}, after {meta['load_after']}; "
         f"pure-Python loop {meta['loop_ms']:.0f} ms.\n"
@@ -525,6 +554,17 @@ def _commit_of(tree: Path) -> str:
         ["git", "-C", str(tree), "log", "-1", "--format=%h"], capture_output=True, text=True, check=False
     )
     return f"`{found.stdout.strip()}`" if found.returncode == 0 else str(tree)
+
+
+Rows = list[tuple[int, str, dict[str, Any]]]
+"""(N, server, one run's results) per run."""
+
+
+def _keep(rows: Rows, rep: int, n: int, name: str, r: dict[str, Any]) -> None:
+    r["rep"] = rep
+    shown = {k: v for k, v in r.items() if k != "schedule"}
+    print(f"run {rep} N={n} {name}: {shown}", flush=True)
+    rows.append((n, name, r))
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -550,26 +590,25 @@ async def main(args: argparse.Namespace) -> None:
     burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 2000)
     if burst_n:
         runs.append((burst_n, "batches"))
-    for n, arrivals in runs:
-        tag = "" if arrivals == "independent" else f", {arrivals}"
-        jobq = await jobq_run(n, logs, args.latency_ms, arrivals, args.tree)
-        print(f"jobq N={n}{tag}: { {k: v for k, v in jobq.items() if k != 'schedule'} }", flush=True)
-        rows.append((n, f"jobq serve{tag}", jobq))
-        if args.before and n == args.before_n:
-            before = await jobq_run(n, logs, args.latency_ms, arrivals, args.before)
-            print(f"before N={n}{tag}: { {k: v for k, v in before.items() if k != 'schedule'} }", flush=True)
-            rows.append((n, f"before{tag}", before))
-        if args.no_floor:
-            continue
-        events = max(1, round(jobq["events"] / max(1, jobq["n"])) - 1)
-        meta.update(events=events)
-        if not any(row_n == n and name == "floor" for row_n, name, _ in rows):
-            floor = await floor_run(n, logs, events, jobq["wall_s"] / events)
-            print(f"floor N={n}: {floor}", flush=True)
-            rows.append((n, "floor", floor))
-        loaded = await floor_run(n, logs, events, 0.0, loaded=(args.latency_ms, arrivals, jobq["schedule"]))
-        print(f"loaded floor N={n}{tag}: {loaded}", flush=True)
-        rows.append((n, f"floor under load{tag}", loaded))
+    repeat = args.repeat or (1 if args.quick else 3)
+    meta.update(repeat=repeat)
+    for rep in range(1, repeat + 1):
+        for n, arrivals in runs:
+            tag = "" if arrivals == "independent" else f", {arrivals}"
+            jobq = await jobq_run(n, logs, args.latency_ms, arrivals, args.tree)
+            _keep(rows, rep, n, f"jobq serve{tag}", jobq)
+            if args.before and n == args.before_n:
+                before = await jobq_run(n, logs, args.latency_ms, arrivals, args.before)
+                _keep(rows, rep, n, f"before{tag}", before)
+            if args.no_floor:
+                continue
+            events = max(1, round(jobq["events"] / max(1, jobq["n"])) - 1)
+            meta.update(events=events)
+            if not any(row_n == n and name == "floor" and r["rep"] == rep for row_n, name, r in rows):
+                _keep(rows, rep, n, "floor", await floor_run(n, logs, events, jobq["wall_s"] / events))
+            schedule = (args.latency_ms, arrivals, jobq["schedule"])
+            loaded = await floor_run(n, logs, events, 0.0, loaded=schedule)
+            _keep(rows, rep, n, f"floor under load{tag}", loaded)
     aws = None
     saved = logs / "fanout-aws.json"
     if args.reuse_aws:
@@ -620,5 +659,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--tree", type=Path, help="run jobq serve and worker from this source tree")
     parser.add_argument("--before", type=Path, help="also run this source tree (e.g. a checkout of main)")
-    parser.add_argument("--before-n", type=int, default=1000, help="the N at which --before runs")
+    parser.add_argument("--before-n", type=int, default=2000, help="the N at which --before runs")
+    parser.add_argument(
+        "--repeat", type=int, help="runs of every row, interleaved; the table shows medians (default 3)"
+    )
     asyncio.run(main(parser.parse_args()))
