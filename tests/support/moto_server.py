@@ -92,12 +92,14 @@ def aws_backend_env(
     *,
     max_receive_count: int = TEST_MAX_RECEIVE_COUNT,
     visibility_timeout_s: int = 30,
+    endpoint: str | None = None,
 ) -> dict[str, str]:
     """Create bucket ``<name>-store``, queue ``<name>-jobs`` and DLQ ``<name>-dlq``
-    (redrive after ``max_receive_count`` receives) and return the service's env.
+    (redrive after ``max_receive_count`` receives) and return the service's env; on
+    this process's moto server, or on the one at ``endpoint``.
 
     ``name`` must be unique per test (lower-case letters, digits and dashes)."""
-    endpoint = moto_endpoint()
+    endpoint = endpoint or moto_endpoint()
     bucket = f"{name}-store"
     boto3.client(
         "s3",
