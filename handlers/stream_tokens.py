@@ -41,10 +41,12 @@ class StreamTokens:
         message = b"\n".join((_DOMAIN, job_id.encode(), tenant.encode(), str(expires).encode()))
         return hmac.new(self.secret, message, hashlib.sha256).digest()
 
-    def issue(self, job_id: str, tenant: str, now: float | None = None) -> str:
-        expires = int(now if now is not None else time.time()) + self.ttl_s
+    def _token(self, job_id: str, tenant: str, expires: int) -> str:
         signature = self._signature(job_id, tenant, expires)
         return f"{expires}.{_b64(tenant.encode())}.{_b64(signature)}"
+
+    def issue(self, job_id: str, tenant: str, now: float | None = None) -> str:
+        return self._token(job_id, tenant, int(now if now is not None else time.time()) + self.ttl_s)
 
     def verify(self, token: str, job_id: str, now: float | None = None) -> str | None:
         """The tenant the token was issued to, or ``None`` when it is forged, for
@@ -59,8 +61,7 @@ class StreamTokens:
             tenant = _unb64(parts[1]).decode()
         except (binascii.Error, ValueError):
             return None
-        expected = f"{expires}.{_b64(tenant.encode())}.{_b64(self._signature(job_id, tenant, expires))}"
-        if not hmac.compare_digest(expected.encode(), token.encode()):
+        if not hmac.compare_digest(self._token(job_id, tenant, expires).encode(), token.encode()):
             return None
         if expires <= (now if now is not None else time.time()):
             return None
