@@ -16,8 +16,9 @@ only the chunk framing and the ``id:``/``event:`` lines). Per N:
   stream as it arrives (ids are consecutive per job, so the n-th ``xadd`` of a job
   is event n);
 - Redis connections held by the web process (its TCP sockets to Redis's port, read
-  from ``/proc``; the maximum of samples 5 s apart), its RSS (peak of 1 s samples, and peak minus the RSS
-  before the streams opened, per stream) and its CPU (seconds, % of one core);
+  from ``/proc``; the maximum of samples 5 s apart), its RSS (peak of 1 s samples,
+  and peak minus the RSS before the streams opened, per stream) and its CPU (seconds,
+  % of one core);
 - the floor in the same run: a bare Litestar SSE endpoint under the same uvicorn
   settings as ``jobq serve``, sending each stream the same number of events over the
   same time from an in-process timer (each event carries its send time), followed by
@@ -455,6 +456,9 @@ async def _submit_aws(env: dict[str, str], count: int) -> list[str]:
 
 # -- report -----------------------------------------------------------------------------
 
+Rows = list[tuple[int, str, dict[str, Any]]]
+"""(N, server, one run's results) per run."""
+
 
 def _runs(values: list[float], digits: int = 2) -> str:
     """The median, then every run's value in run order when there are several."""
@@ -478,9 +482,7 @@ def _row(n: int, name: str, runs: list[dict[str, Any]], ratios: str) -> str:
     )
 
 
-def table(
-    rows: list[tuple[int, str, dict[str, Any]]], aws: dict[str, Any] | None, meta: dict[str, Any]
-) -> str:
+def table(rows: Rows, aws: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     """One line per N and server: medians over the runs; the ratios are taken run by
     run (each against the floor of the same run) and shown as their median."""
     grouped: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
@@ -574,10 +576,6 @@ def _commit_of(tree: Path) -> str:
     return f"`{found.stdout.strip()}`" if found.returncode == 0 else str(tree)
 
 
-Rows = list[tuple[int, str, dict[str, Any]]]
-"""(N, server, one run's results) per run."""
-
-
 def _keep(rows: Rows, rep: int, n: int, name: str, r: dict[str, Any]) -> None:
     r["rep"] = rep
     shown = {k: v for k, v in r.items() if k != "schedule"}
@@ -603,7 +601,7 @@ async def main(args: argparse.Namespace) -> None:
     }
     if args.before:
         meta["before"] = _commit_of(args.before)
-    rows: list[tuple[int, str, dict[str, Any]]] = []
+    rows: Rows = []
     runs = [(n, args.arrivals) for n in ns]
     burst_n = args.burst_n if args.burst_n is not None else (100 if args.quick else 2000)
     if burst_n:
