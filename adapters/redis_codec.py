@@ -17,6 +17,7 @@ from adapters.constants import (
     ARTIFACT_KEY,
     CACHE_KEY,
     CANCEL_KEY,
+    CANCEL_MARK_KEY,
     EVENTS_KEY,
     IDEMPOTENCY_KEY,
     INDEX_KEY,
@@ -49,6 +50,10 @@ class RedisKeys:
 
     def job(self, job_id: str) -> str:
         return self.key(JOB_KEY, job_id)
+
+    def cancel_mark(self) -> str:
+        """A counter raised with every cancel flag (:meth:`JobStore.cancel_mark`)."""
+        return f"{self.prefix}:{CANCEL_MARK_KEY}"
 
     def job_keys(self, job_id: str) -> list[str]:
         """The job hash first, then every key the job owns (for expiry and delete)."""

@@ -9,6 +9,7 @@ Key layout (``P`` is the prefix, e.g. ``jobq``)::
     P:events:<id>         stream, entry id ``<n>-0`` for event n; P:evseq:<id> the counter
     P:trace:<id>          list of LLM call records
     P:cancel:<id>         the cancel flag
+    P:cancel-mark         counter raised with every cancel flag (pollers read flags when it moves)
     P:spend:<counter>     integer micro-USD of a spend counter (cost caps), own TTL
     P:index:all / P:index:status:<s> / P:index:tenant:<t> / P:index:tstatus:<s>:<t>
                           sorted sets id -> created_at, for listing and counting
@@ -276,8 +277,14 @@ class RedisStore(JobStore):
     # -- cancellation -------------------------------------------------------
 
     async def _request_cancel(self, job_id: str) -> None:
-        async with bounded("redis"):
-            await self._redis.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
+        async with bounded("redis"), self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
+            pipe.incr(self._keys.cancel_mark())
+            await pipe.execute()
+
+    async def _cancel_mark(self) -> str | None:
+        mark = await self._call("GET", self._keys.cancel_mark())
+        return "0" if mark is None else bytes(mark).decode()
 
     async def _cancel_requested(self, job_id: str) -> bool:
         return bool(await self._call("EXISTS", self._key(CANCEL_KEY, job_id)))

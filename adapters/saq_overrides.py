@@ -91,6 +91,13 @@ dequeue timeout, the shutdown grace period and the retry limit per job.
   by a sweep after its heartbeat ran out. No upstream issue found for the double
   cancel; the grace period itself came with tobymao/saq#269, and upstream's design
   (a stopped worker's jobs are recovered by others) is tobymao/saq#75.
+- ``abort`` (the upkeep timer, every second): upstream loads and decodes every running
+  job to see whether one is being aborted, so a worker running thousands of jobs
+  spent tens of milliseconds of every second on it, holding up all of them. Here one
+  ``EXISTS`` over the running jobs' abort flags comes first, and upstream's pass runs
+  only when one is up. Every abort sets that flag (upstream's ``abort`` and the
+  sweep's ``saq_mark_aborting.lua``, for ``ABORT_FLAG_TTL_S``, beyond the one-second
+  timer).
 - ``process``: an error escaping upstream's ``process`` (its retry of a crashed
   delivery failing while Redis is away) is logged as one line and the slot starts
   over after ``SLOT_RESTART_S``. Upstream's slot task then ended with the error unread
@@ -385,6 +392,13 @@ class JobqWorker(Worker[Any]):
     write (see the module docstring)."""
 
     _draining = False
+
+    async def abort(self, abort_threshold: float) -> None:
+        """Upstream's pass over the running jobs, only once one of them has its abort
+        flag up (see the module docstring)."""
+        flags = [job.abort_id for job in self.job_task_contexts]
+        if flags and await self.queue.redis.exists(*flags):  # type: ignore[attr-defined]
+            await super().abort(abort_threshold)
 
     async def process(self) -> bool:
         try:

@@ -167,6 +167,13 @@ class JobStore(ABC):
             return set()
         return await self._cancel_requested_many(list(job_ids))
 
+    async def cancel_mark(self) -> str | None:
+        """A value that changes whenever a cancel flag is raised on this store, so a
+        poller whose jobs' flags were all down at one mark need not read them again
+        until it changes; ``None`` where the backend keeps no such value (every poll
+        then reads every flag)."""
+        return await self._cancel_mark()
+
     # -- spend counters (cost caps, SPEC 7.4) ------------------------------
 
     async def add_spend(
@@ -332,6 +339,9 @@ class JobStore(ABC):
 
     async def _cancel_requested_many(self, job_ids: list[str]) -> set[str]:
         return {job_id for job_id in job_ids if await self._cancel_requested(job_id)}
+
+    async def _cancel_mark(self) -> str | None:
+        return None
 
 
 class Queue(ABC):

@@ -15,6 +15,7 @@ from saq.job import Status
 from saq.utils import now
 
 from adapters.redis_store import RedisStore
+from adapters.saq_overrides import JobqWorker
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
 from handlers.saq_worker import run_job
 from pipeline.delivery import Delivery, Outcome, deliver
@@ -115,6 +116,49 @@ async def test_sweep_leaves_a_job_that_is_just_being_started(queue: SaqQueue) ->
     swept, _ = await asyncio.gather(queue.saq.sweep(lock=1), mark_active_soon())
     assert swept == []
     assert await queue.saq.count("queued") == 0 and await queue.saq.count("active") == 1
+
+
+async def test_a_live_worker_stops_the_one_running_job_that_is_aborted(queue: SaqQueue) -> None:
+    """A job aborted while a live worker runs it (a sweep's abort) is cancelled within
+    the abort timer's seconds; the worker's other jobs keep running."""
+    running: dict[str, asyncio.Event] = {}
+    cancelled: list[str] = []
+    one_cancelled = asyncio.Event()
+
+    async def run_job(ctx: Any, *, job_id: str) -> None:
+        running[job_id].set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(job_id)
+            one_cancelled.set()
+            raise
+
+    worker = JobqWorker(
+        queue.saq,
+        functions=[(RUN_JOB_FUNCTION, run_job)],
+        concurrency=4,
+        dequeue_timeout=0.2,
+        timers={"abort": 1, "sweep": 600},  # type: ignore[arg-type]  # SAQ's TypedDict wants every timer
+    )
+    ids = [uuid.uuid4().hex for _ in range(3)]
+    running.update((job_id, asyncio.Event()) for job_id in ids)
+    task = asyncio.create_task(worker.start())
+    try:
+        for job_id in ids:
+            await queue.enqueue(job_id, timeout_s=120)
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(event.wait() for event in running.values()))
+        job = await queue.saq.job(ids[1])
+        assert job is not None
+        await queue.saq.abort(job, error="stuck")
+        async with asyncio.timeout(10):
+            await one_cancelled.wait()
+        await asyncio.sleep(1.5)  # another abort pass: the others are left alone
+        assert cancelled == [ids[1]]
+    finally:
+        await worker.stop()
+        task.cancel()
 
 
 async def silent_deliveries(queue: SaqQueue, count: int) -> list[SaqJob]:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from adapters.redis_store import RedisStore
 from adapters.saq_queue import SaqQueue
+from pipeline import cancel_watch
 from pipeline.model import Artifact, Job, StoreUnavailable
 from pipeline.vocabulary import JobStatus
 from tests.support.redis_server import (
@@ -174,6 +175,24 @@ async def test_event_data_an_older_writer_wrote_reads_back_as_json_loads_reads_i
         assert math.isnan(data["nan"])
         assert data["inf"] == data["big"] == math.inf
         assert data["huge"] == 123456789012345678901234567890
+
+
+async def test_a_flag_raised_without_the_cancel_mark_is_seen_at_the_next_full_read(
+    store: RedisStore, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel flag an older web process raised (it does not move the mark) still
+    cancels the job, within ``FULL_READ_S``."""
+    monkeypatch.setattr(cancel_watch, "FULL_READ_S", 0.5)
+    watch = cancel_watch.CancelWatch(store)
+    job, _ = await store.create(_job())
+    flagged = watch.add(job.id, 0.05)
+    await asyncio.sleep(0.2)
+    mark = await store.cancel_mark()
+    await raw.set(f"{store.prefix}:cancel:{job.id}", b"1")
+    async with asyncio.timeout(3):
+        await flagged
+    assert await store.cancel_mark() == mark
+    watch.remove(job.id)
 
 
 async def test_read_with_nothing_new_returns_empty_after_the_wait(store: RedisStore) -> None:

@@ -288,6 +288,39 @@ async def test_many_reads_of_cache_and_cancel_flags_match_single_reads(store: Jo
     assert await store.cancel_requested_many([]) == set()
 
 
+async def test_the_cancel_mark_moves_when_a_flag_is_raised(store: JobStore) -> None:
+    """A store that keeps a cancel mark gives a new one after every cancel request, so a
+    poller that saw the old mark knows to read the flags again."""
+    job, _ = await store.create(_job())
+    before = await store.cancel_mark()
+    assert await store.cancel_mark() == before
+    await store.request_cancel(job.id)
+    after = await store.cancel_mark()
+    assert (before, after) == (None, None) or after != before
+
+
+async def test_a_cancel_watch_sees_every_flag_of_the_jobs_it_watches(store: JobStore) -> None:
+    """One poller for many jobs resolves exactly the flagged jobs: one flagged while it
+    watches, and one flagged before it was watched (while the mark stood still)."""
+    from pipeline.cancel_watch import CancelWatch
+
+    watch = CancelWatch(store)
+    jobs = [(await store.create(_job()))[0].id for _ in range(4)]
+    futures = {job_id: watch.add(job_id, 0.05) for job_id in jobs[:3]}
+    await store.request_cancel(jobs[3])  # not watched yet
+    await asyncio.sleep(0.3)  # polls that take in the mark's move
+    futures[jobs[3]] = watch.add(jobs[3], 0.05)
+    async with asyncio.timeout(2):  # below FULL_READ_S: not the safety net's read
+        await futures[jobs[3]]
+    await store.request_cancel(jobs[1])
+    async with asyncio.timeout(2):
+        await futures[jobs[1]]
+    await asyncio.sleep(0.2)
+    assert {job_id for job_id, future in futures.items() if future.done()} == {jobs[1], jobs[3]}
+    for job_id in jobs:
+        watch.remove(job_id)
+
+
 async def test_list_pages_newest_first_per_tenant(store: JobStore) -> None:
     """Listing is newest first, paged by cursor, and shows only the tenant's jobs."""
     tenant = uuid.uuid4().hex[:8]
