@@ -44,6 +44,7 @@ import math
 import time
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.connection import AbstractConnection
@@ -66,6 +67,8 @@ PRUNE_S = 0.5
 """How often the subscriber drops stale watches and old ring entries."""
 PRUNE_SLICE = 200
 """Watches pruned per turn of the event loop."""
+SOCKET_READ_SIZE = 65536
+"""Bytes per read of the subscriber's socket."""
 PING_S = 5.0
 """A quiet subscriber PINGs Redis this often."""
 DEAD_S = 15.0
@@ -75,6 +78,23 @@ SUBSCRIBE_BATCH = 1000
 RETRY_MAX_S = 2.0
 QUIET_READ_S = 5.0
 """A wait that times out on a job with no event for this long reads the job's log."""
+
+
+def _hiredis_of(conn: AbstractConnection) -> tuple[Any, asyncio.StreamReader, object] | None:
+    """The connection's hiredis reader, its socket's stream and the reader's "not enough
+    data" value, when redis-py parses with hiredis as it does today (private parts of
+    redis-py, checked here: ``None`` otherwise, and the subscriber reads through
+    ``read_response``)."""
+    try:
+        from redis._parsers.hiredis import NOT_ENOUGH_DATA
+    except ImportError:
+        return None
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    stream = getattr(parser, "_stream", None)
+    if not isinstance(reader, hiredis.Reader) or not isinstance(stream, asyncio.StreamReader):
+        return None
+    return reader, stream, NOT_ENOUGH_DATA
 
 
 def published_event(data: bytes) -> Event:
@@ -159,15 +179,34 @@ class _Subscriber:
     async def _listen(self) -> None:
         """Read what the subscription receives. No timeout per read (a timer per event
         adds up at thousands a second): :meth:`_housekeep` pings a quiet connection
-        and closes a silent one, which ends this read."""
+        and closes a silent one, which ends this read.
+
+        Where the connection parses with hiredis (:func:`_hiredis_of`), every reply a
+        read from the socket brings is handled in one go, straight from hiredis's
+        reader; redis-py's ``read_response`` would await a chain of coroutines per
+        message, and a burst of events is hundreds of messages."""
         assert self.conn is not None
+        hiredis_reader = _hiredis_of(self.conn)
+        if hiredis_reader is None:
+            while True:
+                # push_request: over RESP3, what a subscription receives comes as pushes.
+                reply = await self.conn.read_response(
+                    timeout=math.inf, disconnect_on_error=False, push_request=True
+                )
+                self.heard = time.monotonic()
+                self._handle(reply)
+        parser, stream, not_enough = hiredis_reader
+        handle = self._handle
         while True:
-            # push_request: over RESP3, what a subscription receives comes as pushes.
-            reply = await self.conn.read_response(
-                timeout=math.inf, disconnect_on_error=False, push_request=True
-            )
-            self.heard = time.monotonic()
-            self._handle(reply)
+            reply = parser.gets()
+            if reply is not_enough:
+                data = await stream.read(SOCKET_READ_SIZE)
+                if not data:
+                    raise RedisConnectionError("the subscriber's connection was closed")
+                self.heard = time.monotonic()
+                parser.feed(data)
+            else:
+                handle(reply)
 
     async def _housekeep(self) -> None:
         """Every ``PRUNE_S``: drop stale watches and old ring entries, PING a quiet

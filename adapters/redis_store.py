@@ -280,6 +280,7 @@ class RedisStore(JobStore):
         async with bounded("redis"), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
             pipe.incr(self._keys.cancel_mark())
+            pipe.expire(self._keys.cancel_mark(), self.ttl_s)  # gone is "0": a move too
             await pipe.execute()
 
     async def _cancel_mark(self) -> str | None:
