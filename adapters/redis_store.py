@@ -168,6 +168,10 @@ class RedisStore(JobStore):
         raw = await self._call("HGETALL", self._keys.job(job_id))
         return decode_job(cast(dict[bytes, bytes], raw))
 
+    async def _tenant_of(self, job_id: str) -> str | None:
+        tenant = await self._call("HGET", self._keys.job(job_id), "tenant")
+        return None if tenant is None else text(tenant)
+
     async def _update(self, job_id: str, expect: Expect, changes: JSON) -> Job | None:
         return await self._update_with_events(job_id, expect, changes, ())
 

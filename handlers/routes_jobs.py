@@ -135,7 +135,7 @@ async def stream_job(
     settings = container.settings
     h.check_job_id(job_id)
     scope = read_scope(settings, resolve_stream_tenant(request, settings, job_id, token))
-    if await container.service.get(job_id, scope) is None:
+    if not await container.service.visible(job_id, scope):
         raise NotFoundException("job not found")
 
     async def load_job() -> Any:

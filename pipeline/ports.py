@@ -60,6 +60,12 @@ class JobStore(ABC):
     async def get(self, job_id: str) -> Job | None:
         return await self._get(job_id)
 
+    async def tenant_of(self, job_id: str) -> str | None:
+        """The job's tenant, ``None`` when there is no such job: who may see it, without
+        loading the whole job where the backend can (a stream checks this on every open
+        and reconnect)."""
+        return await self._tenant_of(job_id)
+
     async def update(
         self,
         job_id: str,
@@ -342,6 +348,10 @@ class JobStore(ABC):
 
     async def _cancel_mark(self) -> str | None:
         return None
+
+    async def _tenant_of(self, job_id: str) -> str | None:
+        job = await self._get(job_id)
+        return None if job is None else job.tenant
 
 
 class Queue(ABC):

@@ -72,6 +72,11 @@ class JobService:
             return None
         return job
 
+    async def visible(self, job_id: str, tenant: str | None) -> bool:
+        """Whether ``get`` would find the job, without loading it."""
+        owner = await self.store.tenant_of(job_id)
+        return owner is not None and (tenant is None or owner == tenant)
+
     async def view(self, job_id: str, tenant: str | None) -> dict[str, Any] | None:
         job = await self.get(job_id, tenant)
         if job is None:

@@ -288,6 +288,16 @@ async def test_many_reads_of_cache_and_cancel_flags_match_single_reads(store: Jo
     assert await store.cancel_requested_many([]) == set()
 
 
+async def test_tenant_of_names_the_owner_and_none_for_an_unknown_job(store: JobStore) -> None:
+    """``tenant_of`` answers as ``get`` would: the job's tenant, or None when unknown
+    or deleted."""
+    job, _ = await store.create(_job("acme"))
+    assert await store.tenant_of(job.id) == "acme"
+    assert await store.tenant_of(uuid.uuid4().hex) is None
+    await store.delete(job.id)
+    assert await store.tenant_of(job.id) is None
+
+
 async def test_the_cancel_mark_moves_when_a_flag_is_raised(store: JobStore) -> None:
     """A store that keeps a cancel mark gives a new one after every cancel request, so a
     poller that saw the old mark knows to read the flags again."""
