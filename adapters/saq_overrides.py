@@ -59,8 +59,10 @@ dequeue timeout, the shutdown grace period and the retry limit per job.
   active list until its retry moves it (upstream's ``abort`` takes it out of every
   list first, so a sweep cut off in between stranded it); a swept job is always
   re-queued (upstream finishes one that used up its retries as aborted; here the
-  pipeline decides when a job is lost too often); and the abort wait is
-  ``sweep_abort_wait_s`` (upstream: a fixed 5 s, the worker passes no value).
+  pipeline decides when a job is lost too often); the abort wait is
+  ``sweep_abort_wait_s`` (upstream: a fixed 5 s, the worker passes no value); and the
+  active list's records are decoded ``SWEEP_SLICE`` per turn of the event loop
+  (upstream decodes all of them in one, a stall of every running job).
 - ``_update``, ``_finish``, ``_retry`` (private): refused once a later delivery of the
   job counted more attempts, and ``_finish`` also for a delivery marked with
   :meth:`JobqRedisQueue.release`. A worker that stalled past its heartbeat and comes
@@ -136,6 +138,9 @@ ABORT_FLAG_TTL_S = 5
 """How long a swept job's abort flag waits for a live worker to see it (SAQ's value)."""
 SWEEP_LOCK_MARGIN_S = 5.0
 """A sweep's lock outlasts its longest run (settle, then one abort wait) by this much."""
+SWEEP_SLICE = 200
+"""Jobs of the active list a sweep decodes per turn of the event loop (a worker running
+thousands of jobs would otherwise stall all of them while it decodes every one)."""
 SLOT_RESTART_S = 1.0
 """A worker slot whose SAQ bookkeeping failed (Redis away) starts over after this long."""
 
@@ -341,7 +346,9 @@ class JobqRedisQueue(RedisQueue):
         stale: list[SaqJob] = []
         unsettled: list[str] = []
         missing: list[str] = []
-        for raw_id, job_bytes in listed:
+        for n, (raw_id, job_bytes) in enumerate(listed):
+            if n and not n % SWEEP_SLICE:
+                await asyncio.sleep(0)  # one slice per loop turn: the jobs run meanwhile
             job_id = raw_id.decode()
             job = self.deserialize(job_bytes)
             if job is None:

@@ -14,6 +14,7 @@ from saq.job import Job as SaqJob
 from saq.job import Status
 from saq.utils import now
 
+from adapters import saq_overrides
 from adapters.redis_store import RedisStore
 from adapters.saq_overrides import JobqWorker
 from adapters.saq_queue import RUN_JOB_FUNCTION, SaqQueue
@@ -193,9 +194,13 @@ async def test_sweep_requeues_a_job_whose_heartbeat_stopped(queue: SaqQueue) -> 
     assert await queue.saq.count("queued") == 1
 
 
-async def test_a_dead_worker_s_jobs_are_requeued_together(queue: SaqQueue) -> None:
+async def test_a_dead_worker_s_jobs_are_requeued_together(
+    queue: SaqQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One sweep re-queues every job of a dead worker within about one abort wait, not one
-    abort wait per job (50 jobs took minutes to come back)."""
+    abort wait per job (50 jobs took minutes to come back), the active list read in
+    slices over several loop turns."""
+    monkeypatch.setattr(saq_overrides, "SWEEP_SLICE", 3)
     queue.saq.sweep_abort_wait_s = 1.0
     jobs = await silent_deliveries(queue, 4)
     async with asyncio.timeout(3.0):  # one after another: 4 s and more
