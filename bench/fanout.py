@@ -427,7 +427,7 @@ async def _aws_scenarios(
         if worker is not None:
             worker.stop()
         web.stop()
-        proxy.close()
+        await proxy.close()
 
 
 async def _submit_aws(env: dict[str, str], count: int) -> list[str]:

@@ -319,6 +319,8 @@ class CountingProxy:
         self.upstream_port = upstream_port
         self.counts: dict[str, int] = defaultdict(int)
         self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -329,7 +331,12 @@ class CountingProxy:
         return counts
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self.handlers.add(handler)
+        handler.add_done_callback(self.handlers.discard)
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers.update((writer, up_writer))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: bool) -> None:
             try:
@@ -344,12 +351,19 @@ class CountingProxy:
                 pass
             finally:
                 dst.close()
+                self.writers.discard(dst)
 
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop listening and end the connections still open (each pipe then reads its
+        end), so none is left for ``asyncio.run`` to cancel at exit."""
         if self.server is not None:
             self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        if self.handlers:
+            await asyncio.wait(self.handlers, timeout=5)
 
 
 if __name__ == "__main__":
