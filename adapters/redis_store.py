@@ -281,15 +281,16 @@ class RedisStore(JobStore):
     # -- cancellation -------------------------------------------------------
 
     async def _request_cancel(self, job_id: str) -> None:
+        mark = self._keys.cancel_mark()
         async with bounded("redis"), self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(CANCEL_KEY, job_id), b"1", ex=self.ttl_s)
-            pipe.incr(self._keys.cancel_mark())
-            pipe.expire(self._keys.cancel_mark(), self.ttl_s)  # gone is "0": a move too
+            pipe.incr(mark)
+            pipe.expire(mark, self.ttl_s)  # gone is "0": a move too
             await pipe.execute()
 
     async def _cancel_mark(self) -> str | None:
         mark = await self._call("GET", self._keys.cancel_mark())
-        return "0" if mark is None else bytes(mark).decode()
+        return "0" if mark is None else text(mark)
 
     async def _cancel_requested(self, job_id: str) -> bool:
         return bool(await self._call("EXISTS", self._key(CANCEL_KEY, job_id)))
