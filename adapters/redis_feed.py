@@ -67,8 +67,6 @@ PRUNE_S = 0.5
 """How often the subscriber drops stale watches and old ring entries."""
 PRUNE_SLICE = 200
 """Watches pruned per turn of the event loop."""
-SOCKET_READ_SIZE = 65536
-"""Bytes per read of the subscriber's socket."""
 PING_S = 5.0
 """A quiet subscriber PINGs Redis this often."""
 DEAD_S = 15.0
@@ -80,21 +78,77 @@ QUIET_READ_S = 5.0
 """A wait that times out on a job with no event for this long reads the job's log."""
 
 
-def _hiredis_of(conn: AbstractConnection) -> tuple[Any, asyncio.StreamReader, object] | None:
-    """The connection's hiredis reader, its socket's stream and the reader's "not enough
-    data" value, when redis-py parses with hiredis as it does today (private parts of
-    redis-py, checked here: ``None`` otherwise, and the subscriber reads through
-    ``read_response``)."""
-    try:
-        from redis._parsers.hiredis import NOT_ENOUGH_DATA
-    except ImportError:
+class _Takeover(asyncio.Protocol):
+    """The subscriber connection's protocol once redis-py has connected it (the
+    handshake done): every reply a read of the socket brings is parsed by hiredis and
+    handled in the transport's own read callback. A task woken to read (redis-py's
+    ``read_response``, or a read of its stream) would handle an event one turn of the
+    event loop later, and under load a turn is long. redis-py's protocol still gets
+    the connection's end and its flow control, so its sends and its ``disconnect``
+    work as before."""
+
+    def __init__(
+        self, transport: asyncio.Transport, previous: asyncio.BaseProtocol, subscriber: _Subscriber
+    ) -> None:
+        self.transport = transport
+        self.previous = previous
+        self.subscriber = subscriber
+        self.parser = hiredis.Reader(notEnoughData=_NOT_ENOUGH_DATA)
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.error: BaseException = RedisConnectionError("the subscriber's connection was closed")
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        self.subscriber.heard = time.monotonic()
+        handle = self.subscriber.handle
+        try:
+            self.parser.feed(data)
+            while (reply := self.parser.gets()) is not _NOT_ENOUGH_DATA:
+                handle(reply)
+        except hiredis.ProtocolError as exc:
+            self._end(RedisConnectionError(f"the subscriber's connection sent what is not RESP: {exc}"))
+        except Exception as exc:  # a bug: the subscriber's task raises it and ends (logged)
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes, and connection_lost ends the subscriber's wait
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(self.error)
+        self.previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.previous.resume_writing()
+
+    def _end(self, error: BaseException) -> None:
+        if not self.ended.done():
+            self.error = error
+            self.ended.set_result(None)
+            self.transport.close()
+
+
+_NOT_ENOUGH_DATA = object()
+
+
+def _take_over(conn: AbstractConnection, subscriber: _Subscriber) -> _Takeover | None:
+    """Put a :class:`_Takeover` under ``conn``'s transport, fresh from ``connect()`` (no
+    reply is pending: nothing was sent yet but the handshake). ``None`` where redis-py
+    does not keep an asyncio stream writer (a private part, checked here): the
+    subscriber then reads through ``read_response``."""
+    writer = getattr(conn, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if not isinstance(writer, asyncio.StreamWriter) or not isinstance(transport, asyncio.Transport):
         return None
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    stream = getattr(parser, "_stream", None)
-    if not isinstance(reader, hiredis.Reader) or not isinstance(stream, asyncio.StreamReader):
-        return None
-    return reader, stream, NOT_ENOUGH_DATA
+    previous = transport.get_protocol()
+    if isinstance(previous, _Takeover):  # connect() found the connection still up
+        previous = previous.previous
+    takeover = _Takeover(transport, previous, subscriber)
+    transport.set_protocol(takeover)
+    return takeover
 
 
 def published_event(data: bytes) -> Event:
@@ -111,6 +165,7 @@ class _Subscriber:
         self.watches = watches
         self.read_now = read_now
         self.conn: AbstractConnection | None = None
+        self.takeover: _Takeover | None = None
         self.live = False
         """Connected and subscribed: a new watch may SUBSCRIBE on its own."""
         self.pending: set[str] = set()
@@ -162,6 +217,7 @@ class _Subscriber:
         if self.conn is None:
             self.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
         await self.conn.connect()
+        self.takeover = _take_over(self.conn, self)
         self.connects += 1
         self.heard = self.pinged = time.monotonic()
         # Live before the key set is taken: a watch added while the SUBSCRIBEs below are
@@ -177,36 +233,24 @@ class _Subscriber:
         await self.conn.send_command(*args, check_health=False)
 
     async def _listen(self) -> None:
-        """Read what the subscription receives. No timeout per read (a timer per event
-        adds up at thousands a second): :meth:`_housekeep` pings a quiet connection
-        and closes a silent one, which ends this read.
+        """Handle what the subscription receives until the connection ends. No timeout
+        per read (a timer per event adds up at thousands a second): :meth:`_housekeep`
+        pings a quiet connection and closes a silent one, which ends this wait.
 
-        Where the connection parses with hiredis (:func:`_hiredis_of`), every reply a
-        read from the socket brings is handled in one go, straight from hiredis's
-        reader; redis-py's ``read_response`` would await a chain of coroutines per
-        message, and a burst of events is hundreds of messages."""
+        Where the connection was taken over (:func:`_take_over`), replies are handled
+        in the transport's read callback and this only waits for the end; otherwise it
+        reads through redis-py's ``read_response``, a chain of coroutines per message."""
         assert self.conn is not None
-        hiredis_reader = _hiredis_of(self.conn)
-        if hiredis_reader is None:
-            while True:
-                # push_request: over RESP3, what a subscription receives comes as pushes.
-                reply = await self.conn.read_response(
-                    timeout=math.inf, disconnect_on_error=False, push_request=True
-                )
-                self.heard = time.monotonic()
-                self._handle(reply)
-        parser, stream, not_enough = hiredis_reader
-        handle = self._handle
+        if self.takeover is not None:
+            await self.takeover.ended
+            raise self.takeover.error
         while True:
-            reply = parser.gets()
-            if reply is not_enough:
-                data = await stream.read(SOCKET_READ_SIZE)
-                if not data:
-                    raise RedisConnectionError("the subscriber's connection was closed")
-                self.heard = time.monotonic()
-                parser.feed(data)
-            else:
-                handle(reply)
+            # push_request: over RESP3, what a subscription receives comes as pushes.
+            reply = await self.conn.read_response(
+                timeout=math.inf, disconnect_on_error=False, push_request=True
+            )
+            self.heard = time.monotonic()
+            self.handle(reply)
 
     async def _housekeep(self) -> None:
         """Every ``PRUNE_S``: drop stale watches and old ring entries, PING a quiet
@@ -227,7 +271,12 @@ class _Subscriber:
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 return  # the connection broke: the reader sees it too, and reconnects
 
-    def _handle(self, reply: Any) -> None:
+    def handle(self, reply: Any) -> None:
+        """One reply the subscription received: an event, or a subscription confirmed
+        (followed by a read of the log, see "No gap")."""
+        if isinstance(reply, Exception):
+            log.warning("redis_feed_error_reply", error=str(reply))
+            return
         kind, channel = reply[0], reply[1]
         if kind == b"message":
             watch = self.watches.get(channel.decode())

@@ -227,16 +227,16 @@ def test_stream_whose_store_fails_ends_cleanly_and_is_logged(tmp_path: Path) -> 
     assert "warning" in line and job_id in line and "error" in line
 
 
-@pytest.mark.parametrize("read_path", ["hiredis", "read_response"])
+@pytest.mark.parametrize("read_path", ["takeover", "read_response"])
 def test_reader_survives_redis_restart_without_gap_or_duplicate(
     read_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readers waiting through the shared reader while Redis restarts (twice) each
-    see every event of their job once, in order, on one reader connection; reading
-    straight from hiredis, or through redis-py's ``read_response`` where that is not
-    possible."""
+    see every event of their job once, in order, on one reader connection; handled in
+    the transport's read callback, or read through redis-py's ``read_response`` where
+    the connection cannot be taken over."""
     if read_path == "read_response":
-        monkeypatch.setattr(redis_feed, "_hiredis_of", lambda conn: None)
+        monkeypatch.setattr(redis_feed, "_take_over", lambda conn, subscriber: None)
     server = RedisServer.start(persistent=True)
 
     async def scenario() -> dict[str, list[int]]:
@@ -257,9 +257,9 @@ def test_reader_survives_redis_restart_without_gap_or_duplicate(
         followers = [asyncio.create_task(follow(j, f"{j}/{c}")) for j in jobs for c in range(2)]
         await asyncio.sleep(0.5)
         first_task = reader._events.feed._reader.task
-        conn = reader._events.feed._reader.conn
-        assert conn is not None
-        assert (redis_feed._hiredis_of(conn) is not None) == (read_path == "hiredis")
+        subscriber = reader._events.feed._reader
+        assert subscriber.conn is not None
+        assert (subscriber.takeover is not None) == (read_path == "takeover")
         try:
             for n in range(30):
                 for job_id in jobs:
