@@ -140,8 +140,11 @@ def _take_over(conn: AbstractConnection, subscriber: _Subscriber) -> _Takeover |
     does not keep an asyncio stream writer (a private part, checked here): the
     subscriber then reads through ``read_response``."""
     writer = getattr(conn, "_writer", None)
-    transport = getattr(writer, "transport", None)
-    if not isinstance(writer, asyncio.StreamWriter) or not isinstance(transport, asyncio.Transport):
+    if not isinstance(writer, asyncio.StreamWriter):
+        return None
+    # Not isinstance(asyncio.Transport): uvloop's transports are not its subclasses.
+    transport: Any = writer.transport
+    if not callable(getattr(transport, "set_protocol", None)):
         return None
     previous = transport.get_protocol()
     if isinstance(previous, _Takeover):  # connect() found the connection still up

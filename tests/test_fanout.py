@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvloop
 from redis.asyncio import Redis
 
 from adapters import redis_feed
@@ -227,14 +228,15 @@ def test_stream_whose_store_fails_ends_cleanly_and_is_logged(tmp_path: Path) -> 
     assert "warning" in line and job_id in line and "error" in line
 
 
-@pytest.mark.parametrize("read_path", ["takeover", "read_response"])
+@pytest.mark.parametrize("read_path", ["takeover", "takeover on uvloop", "read_response"])
 def test_reader_survives_redis_restart_without_gap_or_duplicate(
     read_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readers waiting through the shared reader while Redis restarts (twice) each
     see every event of their job once, in order, on one reader connection; handled in
-    the transport's read callback, or read through redis-py's ``read_response`` where
-    the connection cannot be taken over."""
+    the transport's read callback (on asyncio's loop and on uvloop's, which ``jobq
+    serve`` runs on), or read through redis-py's ``read_response`` where the
+    connection cannot be taken over."""
     if read_path == "read_response":
         monkeypatch.setattr(redis_feed, "_take_over", lambda conn, subscriber: None)
     server = RedisServer.start(persistent=True)
@@ -259,7 +261,7 @@ def test_reader_survives_redis_restart_without_gap_or_duplicate(
         first_task = reader._events.feed._reader.task
         subscriber = reader._events.feed._reader
         assert subscriber.conn is not None
-        assert (subscriber.takeover is not None) == (read_path == "takeover")
+        assert (subscriber.takeover is not None) == read_path.startswith("takeover")
         try:
             for n in range(30):
                 for job_id in jobs:
@@ -282,7 +284,9 @@ def test_reader_survives_redis_restart_without_gap_or_duplicate(
         return seen
 
     try:
-        seen = asyncio.run(scenario())
+        loop_factory = uvloop.new_event_loop if read_path.endswith("uvloop") else None
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            seen = runner.run(scenario())
     finally:
         server.close()
     assert len(seen) == 40
