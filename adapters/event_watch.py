@@ -85,8 +85,10 @@ class EventWatch:
         """Events after ``after`` once the watch has them (or the log, when the ring has
         moved past ``after``), else ``[]`` after ``wait_s``; with ``quiet_read_s``, a wait
         that ends on a job with no event for that long reads the log instead, in case a
-        writer did not announce its events. The wait is a bare future and one timer,
-        not ``asyncio.timeout``: thousands of streams wait here, again after every event."""
+        writer did not announce its events, and so does one that ends before a reader
+        covers the watch (a subscription not confirmed yet). The wait is a bare future
+        and one timer, not ``asyncio.timeout``: thousands of streams wait here, again
+        after every event."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         try:
@@ -97,7 +99,7 @@ class EventWatch:
                 if ring is None and self.cursor > after:  # past the ring: read the log
                     return await read_now(key, after)
                 if loop.time() >= deadline:
-                    if quiet_read_s is None or time.monotonic() - self.moved < quiet_read_s:
+                    if quiet_read_s is None or (self.armed and time.monotonic() - self.moved < quiet_read_s):
                         return []
                     events = await read_now(key, after)
                     self.add(events)

@@ -386,15 +386,20 @@ class RedisEventFeed:
                 return ring
             if ring is not None and watch.armed and wait_s > 0:
                 return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
-        events = await self._read_now(key, after)
-        if events or wait_s <= 0:
-            return events
-        reader = self._reader_for(key)
-        watch = self._watches.get(key)
+        if wait_s <= 0:
+            return await self._read_now(key, after)
         if watch is None:
-            # The log ends at ``after`` now: the watch starts there.
+            # No read of the log first: the read that follows the SUBSCRIBE's confirmation
+            # (see "No gap") brings whatever the log holds after ``after`` by then. A
+            # stream opens with a read that does not wait, so one more here would be
+            # the same read twice.
             watch = self._watches[key] = EventWatch(after)
-            reader.subscribe(key)
+            self._reader_for(key).subscribe(key)
+        else:
+            events = await self._read_now(key, after)
+            if events:
+                return events
+        reader = self._reader_for(key)
         if reader.task is None or reader.task.done():
             reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
             reader.task.add_done_callback(reader.ended)

@@ -136,6 +136,18 @@ async def test_read_events_waits_for_the_next_event(store: JobStore) -> None:
     assert [(e.id, e.type) for e in events] == [(1, "done")]
 
 
+@pytest.mark.parametrize("wait_s", [0.001, 0.05, 5.0])
+async def test_a_waiting_read_returns_what_the_log_already_holds(store: JobStore, wait_s: float) -> None:
+    """A read that may wait, on a job nobody has watched yet, returns the events the log
+    already holds after ``after``, whether its wait is shorter or longer than it takes
+    to start watching the job."""
+    job, _ = await store.create(_job())
+    for n in range(3):
+        await store.append_event(job.id, "status", {"n": n})
+    events = await asyncio.wait_for(store.read_events(job.id, after=1, wait_s=wait_s), 10)
+    assert [e.id for e in events] == [2, 3]
+
+
 async def test_artifacts_keep_write_order_and_reject_bad_names(store: JobStore) -> None:
     """Artifacts list in write order; a path-like name is never stored or found."""
     job, _ = await store.create(_job())
