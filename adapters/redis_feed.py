@@ -290,13 +290,15 @@ class _Subscriber:
             key = channel.decode()
             watch = self.watches.get(key)
             if watch is not None and not watch.armed:
-                watch.armed = True
                 catching_up = asyncio.ensure_future(self._catch_up(key, watch))
                 self._catching_up.add(catching_up)
                 catching_up.add_done_callback(self._catching_up.discard)
 
     async def _catch_up(self, key: str, watch: EventWatch) -> None:
-        """Whatever the log got before the subscription took effect."""
+        """Whatever the log got before the subscription took effect; the watch is armed
+        once that is read, and only if the connection that confirmed the subscription
+        is still the one up."""
+        connection = self.connects
         try:
             events = await self.read_now(key, watch.cursor)
         except Exception as exc:  # a waiter's timed-out read covers what this misses
@@ -304,6 +306,8 @@ class _Subscriber:
             return
         if events:
             watch.add(events)
+        if self.live and self.connects == connection and self.watches.get(key) is watch:
+            watch.armed = True
 
     def subscribe(self, key: str) -> None:
         """SUBSCRIBE ``key`` soon (one command for every key added in this turn)."""
