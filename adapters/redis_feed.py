@@ -16,10 +16,12 @@ and an event costs Redis one PUBLISH, not a re-armed read over every watched key
   through the auto-pipeline), so a slow reader costs no memory here.
 - **No gap**: events written between a reader's last read and Redis confirming the
   subscription would be missed by the channel, so each confirmation is followed by
-  a read of the log after the watch's cursor. A waiting read that times out on a job
-  with no event for ``QUIET_READ_S`` reads the log once more, so even a writer that
-  does not publish (an older worker during a rolling deploy) is followed, at
-  heartbeat pace.
+  a read of the log after the watch's cursor, and the watch counts as covered
+  (``armed``) only once that read is in. A new watch therefore starts without a read
+  of its own, and a wait that ends before its watch is covered reads the log. A
+  waiting read that times out on a job with no event for ``QUIET_READ_S`` reads the
+  log once more, so even a writer that does not publish (an older worker during a
+  rolling deploy) is followed, at heartbeat pace.
 - **Pruning**: watches nobody has waited on for ``LINGER_S`` are unsubscribed and
   dropped (checked every ``PRUNE_S``), and ring entries older than ``RING_AGE_S``.
 - **Redis restart or a silent connection** (no answer to PING for ``DEAD_S``): the
