@@ -96,8 +96,8 @@ class _Takeover(asyncio.Protocol):
         self.previous = previous
         self.subscriber = subscriber
         self.parser = hiredis.Reader(notEnoughData=_NOT_ENOUGH_DATA)
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.error: BaseException = RedisConnectionError("the subscriber's connection was closed")
+        self.ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+        """Set, to the error the subscriber raises, when the connection is done with."""
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
@@ -117,7 +117,7 @@ class _Takeover(asyncio.Protocol):
         return False  # the transport closes, and connection_lost ends the subscriber's wait
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(self.error)
+        self._end(RedisConnectionError("the subscriber's connection was closed"))
         self.previous.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -128,8 +128,7 @@ class _Takeover(asyncio.Protocol):
 
     def _end(self, error: BaseException) -> None:
         if not self.ended.done():
-            self.error = error
-            self.ended.set_result(None)
+            self.ended.set_result(error)
             self.transport.close()
 
 
@@ -148,10 +147,7 @@ def _take_over(conn: AbstractConnection, subscriber: _Subscriber) -> _Takeover |
     transport: Any = writer.transport
     if not callable(getattr(transport, "set_protocol", None)):
         return None
-    previous = transport.get_protocol()
-    if isinstance(previous, _Takeover):  # connect() found the connection still up
-        previous = previous.previous
-    takeover = _Takeover(transport, previous, subscriber)
+    takeover = _Takeover(transport, transport.get_protocol(), subscriber)
     transport.set_protocol(takeover)
     return takeover
 
@@ -247,8 +243,7 @@ class _Subscriber:
         reads through redis-py's ``read_response``, a chain of coroutines per message."""
         assert self.conn is not None
         if self.takeover is not None:
-            await self.takeover.ended
-            raise self.takeover.error
+            raise await self.takeover.ended
         while True:
             # push_request: over RESP3, what a subscription receives comes as pushes.
             reply = await self.conn.read_response(
@@ -394,18 +389,18 @@ class RedisEventFeed:
                 return await watch.wait(key, after, wait_s, self._read_now, QUIET_READ_S)
         if wait_s <= 0:
             return await self._read_now(key, after)
+        reader = self._reader_for(key)
         if watch is None:
             # No read of the log first: the read that follows the SUBSCRIBE's confirmation
             # (see "No gap") brings whatever the log holds after ``after`` by then. A
             # stream opens with a read that does not wait, so one more here would be
             # the same read twice.
             watch = self._watches[key] = EventWatch(after)
-            self._reader_for(key).subscribe(key)
+            reader.subscribe(key)
         else:
             events = await self._read_now(key, after)
             if events:
                 return events
-        reader = self._reader_for(key)
         if reader.task is None or reader.task.done():
             reader.task = asyncio.create_task(reader.run(), name="redis-feed-subscriber")
             reader.task.add_done_callback(reader.ended)
